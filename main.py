@@ -1,0 +1,133 @@
+"""Entry point: `python main.py [flags]` (one process) or `torchrun --nproc_per_node=N main.py [flags]`.
+
+Rank 0 (or the only process) serves the web UI and API and runs the prompt worker; under torchrun the
+other ranks run the follower loop of comfy/taco_dit/core/execution_engine.py and execute every prompt
+rank 0 hands them, in lockstep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+
+import comfy.cli_args as cli_args
+
+
+def setup_logging(level: str) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format=f"{prefix}%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout if cli_args.args.log_stdout else sys.stderr, force=True)
+    # Library chatter is not the user's concern.
+    for noisy in ("aiohttp.access", "PIL", "urllib3", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def prepare_directories(args) -> None:
+    import folder_paths
+
+    folder_paths.configure(args)
+    temp = folder_paths.get_temp_directory()
+    if os.path.isdir(temp):
+        shutil.rmtree(temp, ignore_errors=True)
+    folder_paths.create_directories()
+
+
+def cache_settings(args) -> tuple[str, dict]:
+    if args.cache_none:
+        return "none", {}
+    if args.cache_lru:
+        return "lru", {"lru": args.cache_lru}
+    return "classic", {}
+
+
+def prompt_worker(queue, server, executor) -> None:
+    """Takes prompts off the queue and executes them, forever (rank 0 / single process)."""
+    import comfy.model_management as mm
+
+    while True:
+        queue_item = queue.get(timeout=1000.0)
+        if queue_item is None:
+            continue
+        item, item_id = queue_item
+        started = time.perf_counter()
+        prompt_id = item[1]
+        server.last_prompt_id = prompt_id
+        extra_data = dict(item[3])
+        sensitive = item[5] if len(item) > 5 else {}
+        extra_data.update(sensitive or {})
+        executor.execute(item[2], prompt_id, extra_data, item[4])
+        queue.task_done(item_id, executor.history_result,
+                        status={"status_str": "success" if executor.success else "error",
+                                "completed": executor.success,
+                                "messages": executor.status_messages})
+        if server.client_id is not None:
+            server.send_sync("executing", {"node": None, "prompt_id": prompt_id}, server.client_id)
+        logging.info("Prompt executed in %.2f seconds", time.perf_counter() - started)
+        flags = queue.get_flags()
+        if flags.get("unload_models"):
+            mm.unload_all_models()
+        if flags.get("free_memory"):
+            executor.reset()
+            mm.soft_empty_cache()
+
+
+def start_server(args, executor_factory=None) -> None:
+    """Run rank 0: server, queue and prompt worker. Blocks until interrupted."""
+    import execution
+    import nodes
+    import server as server_module
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    prompt_server = server_module.PromptServer(loop)
+    queue = execution.PromptQueue(prompt_server)
+    prompt_server.prompt_queue = queue
+
+    nodes.init_extra_nodes(init_custom_nodes=True, disable_all_custom_nodes=args.disable_all_custom_nodes,
+                           whitelist=args.whitelist_custom_nodes)
+    prompt_server.add_routes()
+
+    cache_type, cache_args = cache_settings(args)
+    if executor_factory is None:
+        executor = execution.PromptExecutor(prompt_server, cache_type=cache_type, cache_args=cache_args)
+    else:
+        executor = executor_factory(prompt_server, cache_type, cache_args)
+    threading.Thread(target=prompt_worker, args=(queue, prompt_server, executor), daemon=True,
+                     name="prompt-worker").start()
+
+    addresses = [(a.strip(), args.port) for a in args.listen.split(",") if a.strip()]
+    try:
+        loop.run_until_complete(prompt_server.setup())
+        loop.run_until_complete(asyncio.gather(prompt_server.start_multi_address(addresses),
+                                               prompt_server.publish_loop()))
+    except KeyboardInterrupt:
+        logging.info("Stopped server")
+    finally:
+        import folder_paths
+
+        shutil.rmtree(folder_paths.get_temp_directory(), ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli_args.parse_args(argv)
+    setup_logging(args.verbose)
+    prepare_directories(args)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        from comfy.taco_dit.core import execution_engine
+
+        execution_engine.run(args, start_server=start_server)
+        return
+    start_server(args)
+
+
+if __name__ == "__main__":
+    main()
