@@ -173,3 +173,17 @@ def unload_all_models() -> None:
 
 def cleanup_models() -> None:
     pass
+
+
+def load_models_gpu(models: list, memory_required: int = 0, force_full_load: bool = False) -> None:
+    """Put each ModelPatcher's patched weights on its load device (one rank = one device)."""
+    for m in models:
+        if m is None:
+            continue
+        m.patch_model(getattr(m, "load_device", None) or get_torch_device())
+        if m not in current_loaded_models:
+            current_loaded_models.append(m)
+
+
+def load_model_gpu(model) -> None:
+    load_models_gpu([model])
