@@ -1,0 +1,143 @@
+"""The parallel layout: which ranks work together on what.
+
+One `MeshDims` (validated degrees) and one `ParallelMesh` (the process groups) are built once per
+process and passed explicitly. Rank layout follows xDiT's order with sequence-parallel ranks adjacent:
+`arange(world).reshape(dp, cfg, ring, ulysses)`, so a Ulysses group is a run of consecutive ranks (the
+all-to-all stays inside one NVLink island where it can), ring groups stride over Ulysses groups, and
+the CFG pair sits outside the sequence group. Every group wrapper's collectives return at once when the
+group has one rank, so the single-GPU path runs the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class MeshDims:
+    world_size: int
+    dp: int = 1
+    cfg: int = 1
+    ring: int = 1
+    ulysses: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "dp", "cfg", "ring", "ulysses"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 ({self.describe()})")
+        if self.cfg not in (1, 2):
+            raise ValueError(f"CFG parallel degree must be 1 or 2, got {self.cfg} ({self.describe()})")
+        product = self.dp * self.cfg * self.ring * self.ulysses
+        if product != self.world_size:
+            raise ValueError(f"Parallel degrees multiply to {product} but there are {self.world_size} ranks "
+                             f"({self.describe()}); make dp*cfg*ring*ulysses equal the number of GPUs")
+
+    @property
+    def sp(self) -> int:
+        return self.ring * self.ulysses
+
+    def describe(self) -> str:
+        return (f"world_size={self.world_size}, data_parallel={self.dp}, cfg_parallel={self.cfg}, "
+                f"ring={self.ring}, ulysses={self.ulysses}")
+
+    def groups(self) -> dict[str, list[list[int]]]:
+        """Rank lists of every group kind (pure function of the degrees; tested without processes)."""
+        grid = torch.arange(self.world_size).reshape(self.dp, self.cfg, self.ring, self.ulysses)
+
+        def along(*dims: int) -> list[list[int]]:
+            # Move the group's dims last, flatten the others: each row is one group.
+            others = [d for d in range(4) if d not in dims]
+            g = grid.permute(*others, *dims).reshape(-1, int(torch.tensor([grid.shape[d] for d in dims]).prod()))
+            return [row.tolist() for row in g]
+
+        return {
+            "ulysses": along(3),
+            "ring": along(2),
+            "sp": along(2, 3),
+            "cfg": along(1),
+            "dp": along(0),
+        }
+
+
+class GroupHandle:
+    """One process group seen from one rank; collectives are no-ops at size 1."""
+
+    def __init__(self, ranks: list[int], group, rank: int):
+        self.ranks = ranks
+        self.group = group
+        self.size = len(ranks)
+        self.rank_in_group = ranks.index(rank) if rank in ranks else -1
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        if self.size == 1:
+            return tensor
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def all_to_all_single(self, output: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_to_all_single(output, tensor, group=self.group)
+        return output
+
+    def ring_exchange(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Send `tensor` to the next rank of the group, return the one from the previous rank."""
+        if self.size == 1:
+            return tensor
+        nxt = self.ranks[(self.rank_in_group + 1) % self.size]
+        prv = self.ranks[(self.rank_in_group - 1) % self.size]
+        recv = torch.empty_like(tensor)
+        ops = [dist.P2POp(dist.isend, tensor.contiguous(), nxt, group=self.group),
+               dist.P2POp(dist.irecv, recv, prv, group=self.group)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        return recv
+
+
+class ParallelMesh:
+    """All strategy groups of this process. Building it is collective: every rank must call it."""
+
+    def __init__(self, dims: MeshDims, rank: int | None = None, backend: str | None = None):
+        self.dims = dims
+        if dims.world_size == 1 or not dist.is_initialized():
+            if dims.world_size != 1:
+                raise RuntimeError(f"A mesh of {dims.world_size} ranks needs torch.distributed initialised")
+            self.rank = 0
+            self._groups = {k: GroupHandle([0], None, 0) for k in ("ulysses", "ring", "sp", "cfg", "dp")}
+            return
+        self.rank = dist.get_rank() if rank is None else rank
+        self._groups = {}
+        for kind, rank_lists in dims.groups().items():
+            mine = None
+            for ranks in rank_lists:
+                # new_group is collective over the whole world, so every rank creates every group.
+                g = dist.new_group(ranks, backend=backend) if len(ranks) > 1 else None
+                if self.rank in ranks:
+                    mine = GroupHandle(ranks, g, self.rank)
+            self._groups[kind] = mine
+
+    def group(self, kind: str) -> GroupHandle:
+        return self._groups[kind]
+
+    @property
+    def ulysses(self) -> GroupHandle:
+        return self._groups["ulysses"]
+
+    @property
+    def ring(self) -> GroupHandle:
+        return self._groups["ring"]
+
+    @property
+    def sp(self) -> GroupHandle:
+        return self._groups["sp"]
+
+    @property
+    def cfg(self) -> GroupHandle:
+        return self._groups["cfg"]
+
+    @property
+    def dp(self) -> GroupHandle:
+        return self._groups["dp"]

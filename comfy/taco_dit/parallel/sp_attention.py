@@ -1,0 +1,113 @@
+"""Sequence-parallel attention: Ulysses (all-to-all over heads), Ring (rotating K/V blocks with
+log-sum-exp merging) and their product USP, on plain torch.distributed.
+
+Tensors are `[B, H, S_local, D]` (SDPA layout). Every rank of the sequence group holds one chunk of the
+sequence; the result for its own queries comes back in the same layout. Padding added to make chunks
+equal is excluded from the keys (`kv_keep`), never masked by value, so it cannot act as a key.
+
+The same code runs over gloo on CPU (tests, --cpu) and NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from comfy.taco_dit.parallel.mesh import GroupHandle
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and its log-sum-exp per query ([B,H,S]), fp32 LSE."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+        return out, lse.float()
+    if q.device.type == "cuda":
+        try:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+            return res[0], res[1].float()
+        except RuntimeError:
+            # Flash may not support this dtype/shape; the memory-efficient kernel returns an LSE too.
+            res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+            return res[0], res[1][..., : q.shape[2]].float()
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype), lse
+
+
+def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,
+           block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:
+        return block_out.float(), block_lse
+    new_lse = torch.logaddexp(lse, block_lse)
+    out = out * torch.exp(lse - new_lse).unsqueeze(-1) + block_out.float() * torch.exp(block_lse - new_lse).unsqueeze(-1)
+    return out, new_lse
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: GroupHandle,
+                   kv_keep: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Attention of local queries over the keys of every rank in `group`.
+
+    `kv_keep[r]`: indices of the real (non-padding) key positions in rank r's block, or None for all.
+    """
+    if group.size == 1:
+        keep = kv_keep[0] if kv_keep else None
+        if keep is not None:
+            k, v = k.index_select(2, keep), v.index_select(2, keep)
+        return F.scaled_dot_product_attention(q, k, v)
+    out = lse = None
+    kv = torch.stack((k, v))
+    for step in range(group.size):
+        source = (group.rank_in_group - step) % group.size
+        bk, bv = kv[0], kv[1]
+        keep = kv_keep[source] if kv_keep else None
+        if keep is not None:
+            bk, bv = bk.index_select(2, keep), bv.index_select(2, keep)
+        nxt = group.ring_exchange(kv) if step + 1 < group.size else None
+        if bk.shape[2] > 0:
+            block_out, block_lse = _attention_with_lse(q, bk, bv)
+            out, lse = _merge(out, lse, block_out, block_lse)
+        if nxt is not None:
+            kv = nxt
+    return out.to(q.dtype)
+
+
+def _seq_to_heads(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
+    """[B, H, S/P, D] on each rank -> [B, H/P, S, D] (sequence in rank order)."""
+    p = group.size
+    b, h, s, d = x.shape
+    send = x.reshape(b, p, h // p, s, d).transpose(0, 1).contiguous()
+    recv = torch.empty_like(send)
+    group.all_to_all_single(recv, send)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * s, d)
+
+
+def _heads_to_seq(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
+    """Inverse of _seq_to_heads: [B, H/P, S, D] -> [B, H, S/P, D]."""
+    p = group.size
+    b, hp, s, d = x.shape
+    send = x.reshape(b, hp, p, s // p, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    group.all_to_all_single(recv, send)
+    return recv.transpose(0, 1).reshape(b, p * hp, s // p, d)
+
+
+def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle, ring: GroupHandle,
+                  kv_keep_global: torch.Tensor | None = None) -> torch.Tensor:
+    """Ulysses inside, Ring outside. `kv_keep_global`: bool [S_total] over the sequence-group order
+    (chunk of sp-rank 0, chunk of sp-rank 1, ...), True for real tokens."""
+    heads = q.shape[1]
+    if heads % ulysses.size != 0:
+        raise ValueError(f"Ulysses degree {ulysses.size} does not divide the {heads} attention heads; "
+                         f"use a Ulysses degree that divides {heads} and put the rest in ring degree")
+    if ulysses.size > 1:
+        q, k, v = (_seq_to_heads(t, ulysses) for t in (q, k, v))
+    keep = None
+    if kv_keep_global is not None:
+        # After the all-to-all this rank holds the ring slot `ring.rank_in_group`: its keys are the
+        # chunks of sp ranks [slot*U, (slot+1)*U). Each ring block is one such slot.
+        blocks = kv_keep_global.reshape(ring.size, -1)
+        keep = [None if bool(b.all()) else b.nonzero().squeeze(1).to(q.device) for b in blocks]
+    out = ring_attention(q, k, v, ring, keep)
+    if ulysses.size > 1:
+        out = _heads_to_seq(out, ulysses)
+    return out

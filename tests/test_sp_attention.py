@@ -1,0 +1,77 @@
+"""Sequence-parallel attention over gloo equals full attention (fp32, CPU).
+
+Tolerance: the distributed result reorders the softmax sums (blockwise log-sum-exp merging, keys in
+another order), so it matches full attention to fp32 rounding, not bit for bit; 1e-5 absolute on O(1)
+values is far below any real difference and far above fp32 noise (~1e-7).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh
+from comfy.taco_dit.parallel.sp_attention import usp_attention
+from tests.parallel_helpers import run_on_ranks
+
+
+def _inputs(seq: int, heads: int = 4, dim: int = 8):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, seq, dim, generator=g) for _ in range(3))
+    return q, k, v
+
+
+def _worker(rank, world, ulysses, ring, seq, pad):
+    dims = MeshDims(world_size=world, ulysses=ulysses, ring=ring)
+    mesh = ParallelMesh(dims)
+    q, k, v = _inputs(seq)
+    p = dims.sp
+    padded = seq + pad
+    keep = torch.ones(padded, dtype=torch.bool)
+    if pad:
+        keep[seq:] = False
+        # padding values are large on purpose: if they leaked in as keys the result would be far off
+        q, k, v = (torch.cat([t, torch.full((2, t.shape[1], pad, t.shape[3]), 50.0)], dim=2) for t in (q, k, v))
+    chunk = padded // p
+    idx = mesh.sp.rank_in_group
+    local = [t[:, :, idx * chunk:(idx + 1) * chunk] for t in (q, k, v)]
+    out = usp_attention(*local, mesh.ulysses, mesh.ring, kv_keep_global=keep if pad else None)
+    return idx, out
+
+
+@pytest.mark.parametrize("world,ulysses,ring,seq,pad", [
+    (2, 2, 1, 16, 0),
+    (2, 1, 2, 16, 0),
+    (2, 2, 1, 15, 1),
+    (2, 1, 2, 13, 3),
+    (4, 2, 2, 29, 3),
+])
+def test_usp_matches_full_attention(world, ulysses, ring, seq, pad):
+    q, k, v = _inputs(seq)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    results = run_on_ranks(world, _worker, ulysses, ring, seq, pad)
+    out = torch.cat([o for _, o in sorted(results, key=lambda r: r[0])], dim=2)[:, :, :seq]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mesh_layout_rules():
+    dims = MeshDims(world_size=8, cfg=2, ring=2, ulysses=2)
+    g = dims.groups()
+    assert g["ulysses"][:2] == [[0, 1], [2, 3]]  # Ulysses ranks adjacent
+    assert g["ring"][0] == [0, 2]
+    assert g["sp"][0] == [0, 1, 2, 3]
+    assert g["cfg"][0] == [0, 4]
+    assert sorted(r for grp in g["cfg"] for r in grp) == list(range(8))
+    with pytest.raises(ValueError, match="multiply to 6 but there are 8 ranks"):
+        MeshDims(world_size=8, cfg=2, ulysses=3)
+    with pytest.raises(ValueError, match="CFG parallel degree must be 1 or 2"):
+        MeshDims(world_size=4, cfg=4)
+
+
+def test_ulysses_degree_must_divide_heads():
+    class One:
+        size = 3
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
+        usp_attention(q, q, q, One(), One())
