@@ -1,0 +1,196 @@
+"""Flux.1 building blocks, named as in the BFL / ComfyUI checkpoints (img_attn.qkv, img_mod.lin, ...)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comfy.ldm.flux.math import attention
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       time_factor: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos half first; t in [0, 1] is scaled by time_factor (Flux convention)."""
+    t = time_factor * t.float()
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, dtype=None, device=None, operations=None):
+        super().__init__()
+        self.in_layer = operations.Linear(in_dim, hidden_dim, bias=True, dtype=dtype, device=device)
+        self.out_layer = operations.Linear(hidden_dim, hidden_dim, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learnt `scale` (the checkpoint's name), computed in fp32 for stability."""
+
+    def __init__(self, dim: int, dtype=None, device=None, operations=None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale if self.scale.dtype == x.dtype and self.scale.device == x.device \
+            else self.scale.to(dtype=x.dtype, device=x.device)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), scale, eps=1e-6)
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, eps=1e-6)
+        return y.to(x.dtype) * scale
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int, dtype=None, device=None, operations=None):
+        super().__init__()
+        self.query_norm = RMSNorm(dim, dtype=dtype, device=device)
+        self.key_norm = RMSNorm(dim, dtype=dtype, device=device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class SelfAttention(nn.Module):
+    """Holds the fused qkv projection, the qk-norm and the output projection of one stream."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, dtype=None, device=None,
+                 operations=None):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = operations.Linear(dim, dim * 3, bias=qkv_bias, dtype=dtype, device=device)
+        self.norm = QKNorm(head_dim, dtype=dtype, device=device, operations=operations)
+        self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
+
+    def qkv_heads(self, x: torch.Tensor):
+        """x [B, L, dim] -> normed q, k and v, each [B, H, L, D]."""
+        b, length, _ = x.shape
+        qkv = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+class Modulation(nn.Module):
+    def __init__(self, dim: int, double: bool, dtype=None, device=None, operations=None):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = operations.Linear(dim, self.multiplier * dim, bias=True, dtype=dtype, device=device)
+
+    def forward(self, vec: torch.Tensor):
+        """-> (shift, scale, gate) chunks, each [B, 1, dim] (two triples for a double block)."""
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        if self.multiplier == 6:
+            return out[:3], out[3:]
+        return out, None
+
+
+def _modulate(x_normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(shift, x_normed, 1 + scale)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights for image and text tokens, one joint attention over [txt, img]."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False,
+                 dtype=None, device=None, operations=None):
+        super().__init__()
+        mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.num_heads = num_heads
+        self.hidden_size = hidden_size
+        kw = dict(dtype=dtype, device=device)
+        for side in ("img", "txt"):
+            setattr(self, f"{side}_mod", Modulation(hidden_size, double=True, operations=operations, **kw))
+            setattr(self, f"{side}_norm1", operations.LayerNorm(hidden_size, elementwise_affine=False,
+                                                                 eps=1e-6, **kw))
+            setattr(self, f"{side}_attn", SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias,
+                                                        operations=operations, **kw))
+            setattr(self, f"{side}_norm2", operations.LayerNorm(hidden_size, elementwise_affine=False,
+                                                                 eps=1e-6, **kw))
+            setattr(self, f"{side}_mlp", nn.Sequential(
+                operations.Linear(hidden_size, mlp_hidden_dim, bias=True, **kw),
+                nn.GELU(approximate="tanh"),
+                operations.Linear(mlp_hidden_dim, hidden_size, bias=True, **kw),
+            ))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, transformer_options: dict | None = None):
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(_modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(_modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+
+        # joint attention: text tokens first, as the checkpoint's RoPE ids are laid out
+        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
+                         torch.cat((txt_v, img_v), dim=2), pe=pe, mask=attn_mask,
+                         transformer_options=transformer_options)
+        txt_len = txt.shape[1]
+        txt_attn, img_attn = attn[:, :txt_len], attn[:, txt_len:]
+
+        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_gate2, self.img_mlp(_modulate(self.img_norm2(img), img_shift2, img_scale2)))
+        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
+        if txt.dtype == torch.float16:
+            txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [txt, img]; qkv and the MLP input share linear1, attention out and MLP out linear2."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_scale: float | None = None,
+                 dtype=None, device=None, operations=None):
+        super().__init__()
+        self.hidden_dim = hidden_size
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        kw = dict(dtype=dtype, device=device)
+        self.linear1 = operations.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim, **kw)
+        self.linear2 = operations.Linear(hidden_size + self.mlp_hidden_dim, hidden_size, **kw)
+        self.norm = QKNorm(head_dim, operations=operations, **kw)
+        self.pre_norm = operations.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6, **kw)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(hidden_size, double=False, operations=operations, **kw)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, transformer_options: dict | None = None):
+        (shift, scale, gate), _ = self.modulation(vec)
+        b, length, _ = x.shape
+        qkv, mlp = torch.split(self.linear1(_modulate(self.pre_norm(x), shift, scale)),
+                               [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
+        q, k, v = qkv.view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.norm(q, k, v)
+        attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
+        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        x = torch.addcmul(x, gate, out)
+        if x.dtype == torch.float16:
+            x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+        return x
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, dtype=None, device=None,
+                 operations=None):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.norm_final = operations.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6, **kw)
+        self.linear = operations.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True, **kw)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                              operations.Linear(hidden_size, 2 * hidden_size, bias=True, **kw))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))

@@ -1,0 +1,102 @@
+"""Layer classes the models are built from, and how their weights are stored vs. computed.
+
+Two families, chosen per model by `pick_operations`:
+
+- `disable_weight_init`: torch layers that skip random initialisation (weights always come from a
+  checkpoint, and initialising a 12B-parameter model would cost seconds for nothing). Weights are used
+  as stored: the fast path, no per-call casts.
+- `manual_cast`: the same layers, but the weight (and bias) are cast to the input's dtype/device at each
+  call. Used when the storage dtype differs from the compute dtype, e.g. fp8_e4m3fn storage with bf16
+  compute (UNETLoader weight_dtype=fp8_e4m3fn) or bf16 weights on a CPU computing in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cast_to(t: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dtype == dtype and t.device == device:
+        return t
+    return t.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def cast_bias_weight(layer: torch.nn.Module, x: torch.Tensor):
+    dtype = getattr(layer, "compute_dtype", None) or x.dtype
+    w = cast_to(layer.weight, dtype, x.device)
+    b = cast_to(getattr(layer, "bias", None), dtype, x.device)
+    return w, b
+
+
+class disable_weight_init:
+    class Linear(torch.nn.Linear):
+        def reset_parameters(self):
+            return None
+
+    class Conv2d(torch.nn.Conv2d):
+        def reset_parameters(self):
+            return None
+
+    class Conv3d(torch.nn.Conv3d):
+        def reset_parameters(self):
+            return None
+
+    class LayerNorm(torch.nn.LayerNorm):
+        def reset_parameters(self):
+            return None
+
+    class GroupNorm(torch.nn.GroupNorm):
+        def reset_parameters(self):
+            return None
+
+    class Embedding(torch.nn.Embedding):
+        def reset_parameters(self):
+            return None
+
+
+class manual_cast(disable_weight_init):
+    class Linear(disable_weight_init.Linear):
+        def forward(self, x):
+            w, b = cast_bias_weight(self, x)
+            return F.linear(x, w, b)
+
+    class Conv2d(disable_weight_init.Conv2d):
+        def forward(self, x):
+            w, b = cast_bias_weight(self, x)
+            return self._conv_forward(x, w, b)
+
+    class Conv3d(disable_weight_init.Conv3d):
+        def forward(self, x):
+            w, b = cast_bias_weight(self, x)
+            return self._conv_forward(x, w, b)
+
+    class LayerNorm(disable_weight_init.LayerNorm):
+        def forward(self, x):
+            if self.weight is None:
+                return F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+            w, b = cast_bias_weight(self, x)
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+    class GroupNorm(disable_weight_init.GroupNorm):
+        def forward(self, x):
+            w, b = cast_bias_weight(self, x)
+            return F.group_norm(x, self.num_groups, w, b, self.eps)
+
+    class Embedding(disable_weight_init.Embedding):
+        def forward(self, x, out_dtype=None):
+            w = cast_to(self.weight, out_dtype or self.weight.dtype, x.device)
+            return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type,
+                               self.scale_grad_by_freq, self.sparse)
+
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def pick_operations(weight_dtype: torch.dtype | None, compute_dtype: torch.dtype | None):
+    """`manual_cast` when weights are stored in another dtype than the model computes in."""
+    if compute_dtype is None or weight_dtype is None or weight_dtype == compute_dtype:
+        return disable_weight_init
+    return manual_cast
