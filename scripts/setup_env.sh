@@ -37,5 +37,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing $req"
 .venv/bin/python -m pip install -q -r "$req" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+.venv/bin/python -m pip install -q --no-deps open-clip-torch  # CLIP's BPE vocab file; its torchvision dep breaks our torch
 .venv/bin/python -c "import torch, aiohttp, safetensors, transformers" 
 echo "$want" > "$stamp"
