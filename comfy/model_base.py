@@ -1,0 +1,179 @@
+"""BaseModel: a diffusion network plus its sampling parameterisation and latent format.
+
+`apply_model(x, sigma, ...)` is what the samplers call: it scales the noisy latent for the network,
+converts sigma to the network's timestep, runs the network with the conditioning keyword arguments that
+`extra_conds` produced, and returns the denoised latent (x0). Family subclasses (Flux, ...) say which
+conditioning their network takes.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+import torch
+
+import comfy.model_sampling
+import comfy.ops
+
+logger = logging.getLogger(__name__)
+
+
+class ModelType(Enum):
+    EPS = 1
+    V_PREDICTION = 2
+    V_PREDICTION_EDM = 3
+    STABLE_CASCADE = 4
+    EDM = 5
+    FLOW = 6
+    V_PREDICTION_CONTINUOUS = 7
+    FLUX = 8
+    IMG_TO_IMG = 9
+    FLOW_COSMOS = 10
+
+
+def model_sampling(model_config, model_type: ModelType):
+    ms = comfy.model_sampling
+    if model_type == ModelType.FLOW:
+        return ms.ModelSamplingDiscreteFlow(model_config)
+    if model_type == ModelType.FLUX:
+        return ms.ModelSamplingFlux(model_config)
+    if model_type == ModelType.EPS:
+        return ms.make_model_sampling(ms.ModelSamplingDiscrete, ms.EPS, model_config)
+    if model_type == ModelType.V_PREDICTION:
+        return ms.make_model_sampling(ms.ModelSamplingDiscrete, ms.V_PREDICTION, model_config)
+    raise NotImplementedError(f"model type {model_type.name} has no sampling implementation yet")
+
+
+class BaseModel(torch.nn.Module):
+    def __init__(self, model_config, model_type: ModelType = ModelType.EPS, device=None, unet_model=None):
+        super().__init__()
+        unet_config = model_config.unet_config
+        self.model_config = model_config
+        self.latent_format = model_config.latent_format
+        self.manual_cast_dtype = model_config.manual_cast_dtype
+        self.device = device
+        self.model_type = model_type
+        self.model_sampling = model_sampling(model_config, model_type)
+        self.memory_usage_factor = getattr(model_config, "memory_usage_factor", 2.0)
+        if unet_model is None:
+            raise ValueError("BaseModel needs the network class (unet_model)")
+        weight_dtype = unet_config.get("dtype")
+        operations = model_config.custom_operations or comfy.ops.pick_operations(weight_dtype,
+                                                                                 self.manual_cast_dtype)
+        self.diffusion_model = unet_model(**unet_config, device=device, operations=operations)
+        self.diffusion_model.eval()
+        self.diffusion_model.requires_grad_(False)
+
+    # -- dtypes --------------------------------------------------------------------------------------
+
+    def get_dtype(self) -> torch.dtype:
+        return self.diffusion_model.dtype if self.diffusion_model.dtype is not None else \
+            next(self.diffusion_model.parameters()).dtype
+
+    def compute_dtype(self) -> torch.dtype:
+        return self.manual_cast_dtype or self.get_dtype()
+
+    # -- sampling interface --------------------------------------------------------------------------
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, c_concat=None, c_crossattn=None, control=None,
+                    transformer_options: dict | None = None, **kwargs) -> torch.Tensor:
+        sigma = t
+        transformer_options = transformer_options if transformer_options is not None else {}
+        dtype = self.compute_dtype()
+        xc = self.model_sampling.calculate_input(sigma, x)
+        if c_concat is not None:
+            xc = torch.cat([xc, c_concat.to(xc)], dim=1)
+        xc = xc.to(dtype)
+        context = c_crossattn.to(dtype) if c_crossattn is not None else None
+        batch = x.shape[0]
+        extra = {}
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                if value.is_floating_point() and name != "guidance":
+                    value = value.to(dtype)
+                if value.ndim >= 1 and value.shape[0] == 1 and batch > 1:
+                    value = value.expand(batch, *value.shape[1:])
+            extra[name] = value
+        if context is not None and context.shape[0] == 1 and batch > 1:
+            context = context.expand(batch, -1, -1)
+        timestep = self.model_sampling.timestep(sigma).float()
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        out = self.diffusion_model(xc, timestep, context=context, control=control,
+                                   transformer_options=transformer_options, **extra).float()
+        return self.model_sampling.calculate_denoised(sigma, out, x)
+
+    def extra_conds(self, **kwargs) -> dict:
+        """One conditioning entry -> model keyword arguments (tensors on the sampler's device)."""
+        out = {}
+        device = kwargs.get("device")
+        cross_attn = kwargs.get("cross_attn")
+        if cross_attn is not None:
+            out["c_crossattn"] = cross_attn.to(device) if device is not None else cross_attn
+        return out
+
+    def process_latent_in(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.latent_format.process_in(latent)
+
+    def process_latent_out(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.latent_format.process_out(latent)
+
+    # -- weights -------------------------------------------------------------------------------------
+
+    def load_model_weights(self, sd: dict, unet_prefix: str = "", source: str = "state dict"):
+        """Load the network's weights; a missing key is an error naming the source file."""
+        to_load = {k[len(unet_prefix):]: v for k, v in sd.items() if k.startswith(unet_prefix)}
+        to_load = self.model_config.process_unet_state_dict(to_load)
+        own = self.diffusion_model.state_dict()
+        missing = [k for k in own if k not in to_load]
+        if missing:
+            raise ValueError(f"{source}: {len(missing)} weights the detected "
+                             f"{type(self.model_config).__name__} model needs are missing "
+                             f"(e.g. {', '.join(missing[:3])}); the file is incomplete or not this model")
+        unexpected = [k for k in to_load if k not in own]
+        if unexpected:
+            logger.warning("%s: %d unused keys (e.g. %s)", source, len(unexpected), ", ".join(unexpected[:3]))
+        target_device = self.device if self.device is not None and self.device.type != "meta" else None
+        cast = {}
+        for k, param in own.items():
+            src = to_load[k]
+            if src.shape != param.shape:
+                raise ValueError(f"{source}: weight {k} has shape {tuple(src.shape)}, the detected model "
+                                 f"expects {tuple(param.shape)}; the file is damaged or mis-detected")
+            dev = target_device or (src.device if param.device.type == "meta" else param.device)
+            # a copy, never a view of the loaded dict: weight patches must not write into the caller's tensors
+            cast[k] = src.to(device=dev, dtype=param.dtype, copy=True).contiguous()
+        # assign=True: the model may be on the meta device (built without allocating)
+        self.diffusion_model.load_state_dict(cast, strict=True, assign=True)
+        return self
+
+    def memory_required(self, input_shape) -> int:
+        area = 1
+        for s in input_shape[2:]:
+            area *= s
+        return int(input_shape[0] * area * self.memory_usage_factor * 1024 * 16)
+
+
+class Flux(BaseModel):
+    def __init__(self, model_config, model_type: ModelType = ModelType.FLUX, device=None):
+        from comfy.ldm.flux.model import Flux as FluxNet
+
+        super().__init__(model_config, model_type, device=device, unet_model=FluxNet)
+
+    def extra_conds(self, **kwargs) -> dict:
+        out = super().extra_conds(**kwargs)
+        device = kwargs.get("device")
+        pooled = kwargs.get("pooled_output")
+        if pooled is not None:
+            out["y"] = pooled.to(device) if device is not None else pooled
+        if self.diffusion_model.params.guidance_embed:
+            g = kwargs.get("guidance", 3.5)
+            if g is None:
+                g = 3.5
+            out["guidance"] = torch.as_tensor([g] if not isinstance(g, torch.Tensor) else g,
+                                              dtype=torch.float32, device=device).reshape(-1)
+        refs = kwargs.get("reference_latents")
+        if refs:
+            out["ref_latents"] = [self.process_latent_in(r) for r in refs]
+        return out

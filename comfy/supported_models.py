@@ -1,0 +1,94 @@
+"""Supported model families: a config class per family that turns a detected unet config into a model.
+
+`model_config_for(unet_config, state_dict, prefix)` walks `models` in order and returns an instance of
+the first class whose `unet_config` items all equal the detected ones (the table SD3, PixArt, HunyuanDiT
+and Wan add rows to). The instance carries the latent format, sampling settings, dtypes and which text
+encoders / VAE a single-file checkpoint of this family bundles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+
+
+class BASE:
+    """Family config. Class attributes describe the family; the instance holds the detected sizes."""
+
+    unet_config: dict = {}          # items a detected config must match
+    unet_extra_config: dict = {}    # added to the detected config
+    sampling_settings: dict = {}
+    latent_format = comfy.latent_formats.LatentFormat
+    memory_usage_factor = 2.0
+    supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    text_encoder_key_prefix = ["cond_stage_model."]
+    vae_key_prefix = ["first_stage_model."]
+    # text encoders a checkpoint of this family uses: name -> key prefix inside the checkpoint
+    text_encoders: dict[str, str] = {}
+    clip_type = "stable_diffusion"
+
+    @classmethod
+    def matches(cls, unet_config: dict, state_dict: dict | None = None) -> bool:
+        return all(unet_config.get(k) == v for k, v in cls.unet_config.items())
+
+    def __init__(self, unet_config: dict):
+        self.unet_config = dict(unet_config)
+        self.unet_config.update(self.unet_extra_config)
+        self.latent_format = self.latent_format()
+        self.manual_cast_dtype: torch.dtype | None = None
+        self.custom_operations = None
+        self.sampling_settings = dict(self.sampling_settings)
+
+    def model_type(self, state_dict=None, prefix: str = "") -> comfy.model_base.ModelType:
+        return comfy.model_base.ModelType.EPS
+
+    def get_model(self, state_dict=None, prefix: str = "", device=None):
+        raise NotImplementedError(f"{type(self).__name__} cannot build a model yet")
+
+    def set_inference_dtype(self, dtype: torch.dtype, manual_cast_dtype: torch.dtype | None) -> None:
+        self.unet_config["dtype"] = dtype
+        self.manual_cast_dtype = manual_cast_dtype
+
+    def process_unet_state_dict(self, state_dict: dict) -> dict:
+        return state_dict
+
+    def process_vae_state_dict(self, state_dict: dict) -> dict:
+        return state_dict
+
+
+class Flux(BASE):
+    unet_config = {"image_model": "flux", "guidance_embed": True}
+    sampling_settings = {}   # ModelSamplingFlux default mu 1.15
+    latent_format = comfy.latent_formats.Flux
+    memory_usage_factor = 3.1
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    text_encoder_key_prefix = ["text_encoders."]
+    vae_key_prefix = ["vae.", "first_stage_model."]
+    text_encoders = {"clip_l": "text_encoders.clip_l.transformer.", "t5xxl": "text_encoders.t5xxl.transformer."}
+    clip_type = "flux"
+
+    def model_type(self, state_dict=None, prefix=""):
+        return comfy.model_base.ModelType.FLUX
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return comfy.model_base.Flux(self, model_type=self.model_type(state_dict, prefix), device=device)
+
+
+class FluxSchnell(Flux):
+    unet_config = {"image_model": "flux", "guidance_embed": False}
+    sampling_settings = {"multiplier": 1.0, "shift": 1.0}
+
+    def model_type(self, state_dict=None, prefix=""):
+        return comfy.model_base.ModelType.FLOW
+
+
+models: list[type[BASE]] = [Flux, FluxSchnell]
+
+
+def model_config_for(unet_config: dict, state_dict: dict | None = None, prefix: str = "") -> BASE | None:
+    for cls in models:
+        if cls.matches(unet_config, state_dict):
+            return cls(unet_config)
+    return None
