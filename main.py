@@ -29,12 +29,13 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def prepare_directories(args) -> None:
+def prepare_directories(args, clear_temp: bool = True) -> None:
     import folder_paths
 
     folder_paths.configure(args)
     temp = folder_paths.get_temp_directory()
-    if os.path.isdir(temp):
+    # Only the process that owns temp/ clears it: a follower rank clearing it would race rank 0.
+    if clear_temp and os.path.isdir(temp):
         shutil.rmtree(temp, ignore_errors=True)
     folder_paths.create_directories()
 
@@ -78,8 +79,12 @@ def prompt_worker(queue, server, executor) -> None:
             mm.soft_empty_cache()
 
 
-def start_server(args, executor_factory=None) -> None:
-    """Run rank 0: server, queue and prompt worker. Blocks until interrupted."""
+def start_server(args, executor_factory=None, worker=None, queue_kwargs=None) -> None:
+    """Run rank 0: server, queue and prompt worker. Blocks until interrupted.
+
+    The multi-rank runtime passes its own `worker` (same signature as `prompt_worker`) and
+    `queue_kwargs` (the queue's persist path).
+    """
     import execution
     import nodes
     import server as server_module
@@ -87,7 +92,7 @@ def start_server(args, executor_factory=None) -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     prompt_server = server_module.PromptServer(loop)
-    queue = execution.PromptQueue(prompt_server)
+    queue = execution.PromptQueue(prompt_server, **(queue_kwargs or {}))
     prompt_server.prompt_queue = queue
 
     nodes.init_extra_nodes(init_custom_nodes=True, disable_all_custom_nodes=args.disable_all_custom_nodes,
@@ -99,7 +104,7 @@ def start_server(args, executor_factory=None) -> None:
         executor = execution.PromptExecutor(prompt_server, cache_type=cache_type, cache_args=cache_args)
     else:
         executor = executor_factory(prompt_server, cache_type, cache_args)
-    threading.Thread(target=prompt_worker, args=(queue, prompt_server, executor), daemon=True,
+    threading.Thread(target=worker or prompt_worker, args=(queue, prompt_server, executor), daemon=True,
                      name="prompt-worker").start()
 
     addresses = [(a.strip(), args.port) for a in args.listen.split(",") if a.strip()]
@@ -118,13 +123,13 @@ def start_server(args, executor_factory=None) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = cli_args.parse_args(argv)
     setup_logging(args.verbose)
-    prepare_directories(args)
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    prepare_directories(args, clear_temp=world_size == 1 or os.environ.get("RANK", "0") == "0")
+
     if world_size > 1:
         from comfy.taco_dit.core import execution_engine
 
-        execution_engine.run(args, start_server=start_server)
+        execution_engine.run(args, start_server=start_server, cache_settings=cache_settings)
         return
     start_server(args)
 
