@@ -1,0 +1,1 @@
+"""Server-side helpers of server.PromptServer: frontend files, users and settings, jobs, logs, models."""
