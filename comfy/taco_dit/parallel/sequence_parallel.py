@@ -1,0 +1,136 @@
+"""Sequence parallelism applied to a MODEL: split tokens after embedding, swap the attention op for
+Ulysses/Ring/USP, gather after the last layer.
+
+Model files stay free of distributed code. Each family exposes stages (Flux: `embed`,
+`run_double_blocks`, `run_single_blocks`, `final`) and a `SEQUENCE_PARALLEL_PLAN`; the adapters here
+(one small function per family, as ParaAttention does) drive those stages on a local token chunk. They
+are installed as an object patch on a clone of the ModelPatcher (`diffusion_model.forward_orig`), so
+the original MODEL and its other clones are untouched.
+
+Layout of a rank's local sequence: `[txt chunk, img chunk]`, each stream padded to a multiple of the
+sequence degree and split evenly. Because every rank concatenates its chunks the same way, the order
+of keys seen by attention after the all-to-all is `[txt_0, img_0, txt_1, img_1, ...]`: attention does
+not care about key order, and each query's output returns to its own rank. Padding tokens are removed
+from the keys (never masked by value) and their outputs dropped at the gather.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from comfy.ldm.modules.attention import OVERRIDE_KEY
+from comfy.taco_dit.parallel.mesh import GroupHandle, ParallelMesh
+from comfy.taco_dit.parallel.sp_attention import usp_attention
+
+
+@dataclass
+class TokenSplit:
+    """How one stream of `length` tokens is spread over `degree` ranks."""
+
+    length: int
+    degree: int
+
+    @property
+    def padded(self) -> int:
+        return -(-self.length // self.degree) * self.degree
+
+    @property
+    def chunk(self) -> int:
+        return self.padded // self.degree
+
+    def keep(self, device=None) -> torch.Tensor:
+        """bool [degree, chunk]: True where a rank's chunk holds a real token."""
+        k = torch.zeros(self.padded, dtype=torch.bool, device=device)
+        k[: self.length] = True
+        return k.reshape(self.degree, self.chunk)
+
+    def local(self, x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+        pad = self.padded - self.length
+        if pad:
+            shape = list(x.shape)
+            shape[dim] = pad
+            x = torch.cat((x, x.new_zeros(shape)), dim=dim)
+        return x.narrow(dim, rank * self.chunk, self.chunk)
+
+
+def gather_tokens(x: torch.Tensor, group: GroupHandle, split: TokenSplit, dim: int = 1) -> torch.Tensor:
+    return group.all_gather(x, dim=dim).narrow(dim, 0, split.length)
+
+
+def make_attention_override(mesh: ParallelMesh, kv_keep: torch.Tensor | None):
+    """An `optimized_attention_override` running USP over the mesh's Ulysses and Ring groups."""
+
+    def override(default_fn, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
+                 transformer_options=None, **kwargs):
+        if mask is not None:
+            raise NotImplementedError("Sequence parallel attention with an attention mask is not supported; "
+                                      "disable sequence parallel for this model (TACO-DiT Parallel Config)")
+        if not skip_reshape:
+            b, _, inner = q.shape
+            q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_global=kv_keep)
+        if skip_output_reshape:
+            return out
+        b, h, length, d = out.shape
+        return out.transpose(1, 2).reshape(b, length, h * d)
+
+    return override
+
+
+def flux_forward_orig(mesh: ParallelMesh):
+    """Sequence-parallel replacement for `Flux.forward_orig` (bound to the diffusion model)."""
+
+    def forward_orig(model, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
+                     transformer_options=None, attn_mask=None):
+        sp = mesh.sp
+        opts = dict(transformer_options or {})
+        img, txt, vec, pe = model.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        txt_len = txt.shape[1]
+        s_txt, s_img = TokenSplit(txt_len, sp.size), TokenSplit(img.shape[1], sp.size)
+        r = sp.rank_in_group
+        img_l = s_img.local(img, r, 1)
+        txt_l = s_txt.local(txt, r, 1)
+        pe_l = torch.cat((s_txt.local(pe[:, :, :txt_len], r, 2), s_img.local(pe[:, :, txt_len:], r, 2)), dim=2)
+        padded = s_txt.padded != s_txt.length or s_img.padded != s_img.length
+        keep = torch.cat((s_txt.keep(), s_img.keep()), dim=1).reshape(-1).to(img.device) if padded else None
+        opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+        img_l, txt_l = model.run_double_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts)
+        img_l = model.run_single_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts)
+        # The final layer is per token, so gathering its (narrower) output equals gathering before it.
+        out_l = model.final(img_l, vec)
+        return gather_tokens(out_l, sp, s_img, dim=1)
+
+    return forward_orig
+
+
+# Family adapters, by diffusion-model class name.
+ADAPTERS = {"Flux": flux_forward_orig}
+
+
+def supports_sequence_parallel(diffusion_model: torch.nn.Module) -> bool:
+    return type(diffusion_model).__name__ in ADAPTERS
+
+
+def head_count(diffusion_model: torch.nn.Module) -> int | None:
+    return getattr(diffusion_model, "num_heads", None)
+
+
+def apply_sequence_parallel(model_patcher, mesh: ParallelMesh):
+    """Return a clone of `model_patcher` whose diffusion model runs sequence parallel over `mesh`."""
+    dm = model_patcher.model.diffusion_model
+    name = type(dm).__name__
+    if name not in ADAPTERS:
+        raise ValueError(f"Sequence parallel is not available for {name} models yet "
+                         f"(supported: {', '.join(sorted(ADAPTERS))}); use CFG or data parallel instead")
+    heads = head_count(dm)
+    if heads is not None and heads % mesh.ulysses.size != 0:
+        raise ValueError(f"Ulysses degree {mesh.ulysses.size} does not divide {name}'s {heads} heads; "
+                         f"use a Ulysses degree that divides {heads} and put the rest in ring degree")
+    patched = model_patcher.clone()
+    fn = ADAPTERS[name](mesh)
+    patched.add_object_patch("diffusion_model.forward_orig", fn.__get__(dm, type(dm)))
+    logging.debug("Sequence parallel on %s: ulysses=%d ring=%d", name, mesh.ulysses.size, mesh.ring.size)
+    return patched
