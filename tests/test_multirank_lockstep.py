@@ -31,6 +31,7 @@ def _scenarios(dm):
         outcome = lockstep.finish(ex.success, None)
         out[name] = {"events": ex.events, "trace": trace, "code": outcome.code,
                      "unanimous": outcome.unanimous_error if outcome.reports else None,
+                     "reset": outcome.needs_cache_reset,
                      "reports": [(r["rank"], r["code"], r["node_id"]) for r in outcome.reports]}
 
     run("ok", [("1", lambda t: steps(3, log=t)), ("2", lambda t: steps(2, log=t))])
@@ -62,6 +63,10 @@ def _check_common(results, world):
         assert r["interrupt"]["events"] == [("interrupted", "1")]
         assert r["interrupt"]["code"] == 1
         assert r["all_error"]["unanimous"] is True
+        # Stopping at a step leaves every rank's caches alike; a late error (rank 0 finished the node,
+        # rank 1 did not) does not, so every rank must drop its caches.
+        assert r["follower_error"]["reset"] is False and r["interrupt"]["reset"] is False
+        assert r["late_error"]["reset"] is True
     last = world - 1
     ev = results[0]["follower_error"]["events"][-1]
     assert ev[:3] == ("error", "2", "RemoteRankError") and f"Rank {last} failed in node 2" in ev[3]

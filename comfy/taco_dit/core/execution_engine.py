@@ -73,7 +73,15 @@ class Outcome:
 
     @property
     def unanimous_error(self) -> bool:
-        return all(r["code"] == ERROR for r in self.reports)
+        return bool(self.reports) and all(r["code"] == ERROR for r in self.reports)
+
+    @property
+    def needs_cache_reset(self) -> bool:
+        """True when ranks may have cached different nodes: some failed inside a node while others had
+        already finished it (they were at the next node's agreement or at the final round). Rounds at a
+        sampler step stop every rank inside the same node, so those leave caches identical."""
+        kinds = {r.get("kind") for r in self.reports}
+        return self.lost or ("failed" in kinds and bool(kinds & {"node", "finish"}))
 
     def first_error(self, exclude_rank: int | None = None) -> dict | None:
         errors = [r for r in self.reports if r["code"] == ERROR and r["rank"] != exclude_rank]
@@ -98,7 +106,7 @@ class Lockstep:
     # -- called by the executor ----------------------------------------------------------------------------
 
     def before_node(self, prompt_id: str, node_id: str) -> None:
-        self._checkpoint(node_id, None)
+        self._checkpoint(node_id, None, "node")
 
     def node_failed(self, prompt_id: str, node_id: str, exc: BaseException) -> None:
         """A node raised on this rank: tell the others at their next agreement point, then return."""
@@ -108,7 +116,7 @@ class Lockstep:
 
         code = INTERRUPT if isinstance(exc, mm.InterruptProcessingException) else ERROR
         # The executor is already handling this rank's own exception: only the round matters here.
-        self._round(code, node_id, exc)
+        self._round(code, node_id, exc, "failed")
 
     # -- called by the engine -------------------------------------------------------------------------------
 
@@ -123,13 +131,14 @@ class Lockstep:
         try:
             if self.outcome is None:
                 local = None if success else RuntimeError(message or "prompt failed on this rank")
-                self._round(GO if success else ERROR, None, local)
+                self._round(GO if success else ERROR, None, local, "finish")
             return self.outcome or Outcome(GO, [])
         finally:
             self.active = False
 
-    def progress_hook(self, inner):
-        """Wrap a ProgressBar hook so every update is also an agreement point."""
+    def wrap_progress_hook(self, inner):
+        """Wrap a ProgressBar hook so every update is also an agreement point (the executor calls this
+        for the hook it installs per node)."""
         if getattr(inner, "_taco_lockstep", None) is self:
             return inner
 
@@ -144,7 +153,7 @@ class Lockstep:
                     inner(value, total, preview, node_id)
             except Exception as e:  # an interrupt (or a failing preview) must be agreed before raising
                 local = e
-            self._checkpoint(node_id, local)
+            self._checkpoint(node_id, local, "step")
 
         hook._taco_lockstep = self
         hook._taco_inner = inner
@@ -152,7 +161,7 @@ class Lockstep:
 
     # -- internals -------------------------------------------------------------------------------------------
 
-    def _checkpoint(self, node_id, local: BaseException | None) -> None:
+    def _checkpoint(self, node_id, local: BaseException | None, kind: str) -> None:
         if not self.active:
             if local is not None:
                 raise local
@@ -169,17 +178,17 @@ class Lockstep:
         code = GO
         if local is not None:
             code = INTERRUPT if isinstance(local, mm.InterruptProcessingException) else ERROR
-        stop = self._round(code, node_id, local)
+        stop = self._round(code, node_id, local, kind)
         if stop is not None:
             raise stop
 
-    def _round(self, code: int, node_id, local: BaseException | None) -> BaseException | None:
+    def _round(self, code: int, node_id, local: BaseException | None, kind: str) -> BaseException | None:
         """One agreement round; returns the exception that ends the prompt on this rank, or None."""
         try:
             result = self.dm.agree(code)
             if result == GO:
                 return None
-            reports = self.dm.all_gather_object(self._report(code, node_id, local))
+            reports = self.dm.all_gather_object(self._report(code, node_id, local, kind))
         except RankLostError as e:
             self.outcome = Outcome(ERROR, [], lost=True)
             self._ended_exc = RemoteRankError(None, node_id, "RankLostError", str(e), lost=True)
@@ -198,19 +207,20 @@ class Lockstep:
                                                   first["message"], first["traceback"])
         return self._ended_exc
 
-    def _report(self, code: int, node_id, local: BaseException | None) -> dict:
-        return {"rank": self.dm.rank, "code": code, "node_id": node_id,
+    def _report(self, code: int, node_id, local: BaseException | None, kind: str) -> dict:
+        return {"rank": self.dm.rank, "code": code, "node_id": node_id, "kind": kind,
                 "type": type(local).__name__ if local is not None else None,
                 "message": str(local) if local is not None else "",
                 "traceback": "".join(traceback.format_exception(local)) if local is not None else ""}
 
 
 def install_step_agreement(lockstep: Lockstep) -> None:
-    """Route every hook the executor installs through `lockstep.progress_hook`.
+    """Route every hook the executor installs through `lockstep.wrap_progress_hook`.
 
-    The executor sets the ProgressBar hook per node through `comfy.utils.set_progress_bar_global_hook`;
-    replacing that module function (and wrapping the hook already installed) puts an agreement point in
-    every ProgressBar update, which every sampler step makes.
+    `PromptExecutor` already wraps the hook it installs per node with `wrap_progress_hook`; this also
+    covers hooks set by anything else through `comfy.utils.set_progress_bar_global_hook` (and the one
+    installed now), so every ProgressBar update, which every sampler step makes, is an agreement point.
+    Wrapping is idempotent.
     """
     import comfy.utils
 
@@ -218,11 +228,11 @@ def install_step_agreement(lockstep: Lockstep) -> None:
                        comfy.utils.set_progress_bar_global_hook)
 
     def set_progress_bar_global_hook(function):
-        original(lockstep.progress_hook(function))
+        original(lockstep.wrap_progress_hook(function))
 
     set_progress_bar_global_hook._taco_original = original
     comfy.utils.set_progress_bar_global_hook = set_progress_bar_global_hook
-    original(lockstep.progress_hook(comfy.utils.PROGRESS_BAR_HOOK))
+    original(lockstep.wrap_progress_hook(comfy.utils.PROGRESS_BAR_HOOK))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -414,9 +424,10 @@ def follower_loop(args, dm: DistributedManager, lockstep: Lockstep, executor=Non
             if outcome.lost:
                 log.error("Lost contact with the group during prompt %s; exiting so it can restart", prompt_id)
                 return 1
-            if outcome.code == ERROR and not outcome.unanimous_error:
-                # Ranks stopped at the same agreement point but may have cached different nodes of the
-                # failed one; dropping caches everywhere keeps the next prompt's node sequence identical.
+            if outcome.needs_cache_reset:
+                # Ranks stopped at the same agreement point but may have cached different nodes; the
+                # executor stages only uncached nodes, so dropping caches everywhere keeps the next
+                # prompt's node sequence (and so its agreement rounds) identical on every rank.
                 executor.reset()
             _empty_dir(folder_paths.get_output_directory())
             _empty_dir(folder_paths.get_temp_directory())
@@ -512,7 +523,7 @@ class Leader:
             if outcome.lost:
                 self.abort("lost contact with a rank during the prompt", report=False)
                 return
-            if outcome.code == ERROR and not outcome.unanimous_error:
+            if outcome.needs_cache_reset:
                 executor.reset()  # see follower_loop: keep every rank's caches identical
             flags = queue.get_flags()
             if flags.get("unload_models") or flags.get("free_memory"):
@@ -535,7 +546,11 @@ class Leader:
         return ["execution_error", data]
 
     def abort(self, reason: str, report: bool = True) -> None:
-        """A rank is gone: report the running prompt as failed, persist the queue, exit non-zero."""
+        """A rank is gone: report the running prompt as failed, exit non-zero.
+
+        The queue persists itself on every change (PromptQueue(persist_path=)), so recording the running
+        prompt in history (task_done) is also what keeps it from being re-run after the restart.
+        """
         with self._abort_lock:
             if self._aborting:
                 return
@@ -557,12 +572,6 @@ class Leader:
                                              "messages": [["execution_error", data]]})
             except Exception:  # reporting is best effort: the exit below must happen regardless
                 log.exception("Could not record the failed prompt")
-        persist = getattr(self.queue, "persist", None)
-        if callable(persist):
-            try:
-                persist()
-            except Exception:  # same: never block the exit on a failing write
-                log.exception("Could not persist the queue")
         time.sleep(0.5)  # let the event loop flush the WebSocket message before the process ends
         logging.shutdown()
         os._exit(1)
