@@ -827,8 +827,8 @@ class PromptServer:
         if "preview" in query:
             parts = query["preview"].split(";")
             fmt = parts[0] if parts[0] in ("webp", "jpeg") else "webp"
-            if "a" in channel:
-                fmt = "webp"  # JPEG has no alpha
+            if "a" in query.get("channel", ""):
+                fmt = "webp"  # an alpha channel was asked for and JPEG has none
             quality = int(parts[-1]) if parts[-1].isdigit() else 90
             with Image.open(path) as img:
                 if fmt == "jpeg" or channel == "rgb":
