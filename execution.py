@@ -361,8 +361,7 @@ class PromptExecutor:
             if preview is not None:
                 self._send(UNENCODED_PREVIEW_IMAGE, preview)
 
-        wrap = getattr(self.lockstep, "wrap_progress_hook", None)
-        return wrap(hook) if callable(wrap) else hook
+        return hook
 
     # -- one prompt ---------------------------------------------------------------------------------
 
@@ -557,7 +556,9 @@ class _PromptRun:
                 self.ex.lockstep.node_failed(self.prompt_id, unique_id, e)
             return ExecutionResult.FAILURE, details, e
         finally:
-            comfy.utils.set_progress_bar_global_hook(hook_before)
+            # Restore the exact previous hook. Going through the setter again would let a wrapping setter
+            # (the multi-rank runtime's step agreement) wrap it a second time.
+            comfy.utils.PROGRESS_BAR_HOOK = hook_before
             self.timings[unique_id] = self.timings.get(unique_id, 0.0) + time.perf_counter() - t0
 
         self.registry.finish_progress(unique_id)
@@ -689,7 +690,7 @@ def validate_inputs(prompt_id: str, prompt: dict, node_id: str, validated: dict)
             continue
         value = inputs[name]
 
-        if isinstance(value, list) and not info.get("rawLink"):
+        if isinstance(value, list):
             if not is_link(value):
                 errors.append(_error("bad_linked_input",
                                      "Bad linked input, must be a length-2 list of [node_id, slot_index]",
