@@ -1,0 +1,1 @@
+"""First-stage (autoencoder) models in the LDM checkpoint layout; see autoencoder.py."""

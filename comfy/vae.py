@@ -1,0 +1,185 @@
+"""The VAE object that VAELoader / checkpoints hand to VAEDecode and VAEEncode.
+
+Owns `VAE(sd)`: family detection from keys and shapes (KL autoencoder: 4-channel SD, 16-channel
+Flux/SD3), `decode(latent) -> IMAGE [B,H,W,C] 0..1 on the CPU`, `encode(IMAGE) -> latent`, tiled decode
+for large images, and the errors for files that are not a supported VAE. Latents here are the VAE's
+raw space: the model's latent format applies scale/shift (Flux 0.3611/0.1159, SD3 1.5305/0.0609).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management as mm
+from comfy.ldm.models.autoencoder import AutoencoderKL, conform_attention_weights, kl_config_from_state_dict
+
+logger = logging.getLogger(__name__)
+
+_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def _strip_prefix(sd: dict) -> dict:
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix + "decoder.") for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def detect_vae_family(sd: dict, name: str = "<state dict>") -> str:
+    """'kl_sd' (4 latent channels), 'kl_16' (Flux / SD3), or 'kl' (other KL sizes); ValueError otherwise."""
+    if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd and "encoder.mid.attn_1.q.weight" in sd:
+        z = sd["decoder.conv_in.weight"].shape[1]
+        if sd["decoder.conv_in.weight"].ndim != 4:
+            raise ValueError(f"'{name}' is a video VAE with 3-D convolutions, which is not supported yet")
+        return {4: "kl_sd", 16: "kl_16"}.get(z, "kl")
+    hint = ""
+    if "decoder.middle.0.residual.0.gamma" in sd or "encoder.downsamples.0.residual.0.gamma" in sd:
+        hint = " It is a Wan 2.1 video VAE, which is not supported yet."
+    elif any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        hint = (" It is in the diffusers layout; use the single-file (ComfyUI/LDM layout) VAE, e.g. "
+                "ae.safetensors for Flux.")
+    elif any(k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.")) for k in sd):
+        hint = " It looks like a diffusion model: load it with UNETLoader / Load Diffusion Model."
+    elif any(k.startswith(("text_model.", "encoder.block.")) for k in sd):
+        hint = " It looks like a text encoder: load it with CLIPLoader / DualCLIPLoader."
+    raise ValueError(
+        f"'{name}' is not a supported VAE: expected a KL autoencoder in the LDM layout "
+        f"(encoder.conv_in, encoder.down.N.block.M.*, encoder.mid.attn_1.*, decoder.up.N.*).{hint}")
+
+
+class VAE:
+    def __init__(self, sd: dict | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 name: str = "<state dict>"):
+        if sd is None:
+            raise ValueError("VAE needs a state dict (load the file with comfy.utils.load_torch_file)")
+        sd = conform_attention_weights(_strip_prefix(sd))
+        self.family = detect_vae_family(sd, name)
+        config = kl_config_from_state_dict(sd)
+        self.device = device or mm.vae_device()
+        self.vae_dtype = dtype or mm.vae_dtype(self.device)
+        self.output_device = mm.intermediate_device()
+        with torch.device("meta"):  # no random init: every weight comes from the file
+            model = AutoencoderKL(**config)
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(sd))
+        if missing:
+            raise ValueError(f"'{name}' is missing {len(missing)} VAE weights, e.g. {missing[:3]}: "
+                             "the file is truncated or not a complete VAE")
+        extra = sorted(set(sd) - expected)
+        if extra:
+            logger.debug("VAE '%s': ignoring %d extra keys (e.g. %s)", name, len(extra), extra[:3])
+        model.load_state_dict({k: sd[k].to(self.vae_dtype) for k in expected}, assign=True)
+        self.first_stage_model = model.to(self.device).eval()
+        self.latent_channels = config["z_channels"]
+        self.downscale_ratio = self.upscale_ratio = 2 ** (len(config["ch_mult"]) - 1)
+        self.latent_dim = 2
+        self.patcher = self._make_patcher()
+
+    def _make_patcher(self):
+        try:
+            from comfy.model_patcher import ModelPatcher
+        except ImportError:
+            return None
+        offload = getattr(mm, "vae_offload_device", lambda: torch.device("cpu"))()
+        return ModelPatcher(self.first_stage_model, load_device=self.device, offload_device=offload)
+
+    # -- ComfyUI API --------------------------------------------------------------------------------
+    def spacial_compression_decode(self) -> int:
+        return self.upscale_ratio
+
+    def spacial_compression_encode(self) -> int:
+        return self.downscale_ratio
+
+    def temporal_compression_decode(self) -> int | None:
+        return None
+
+    def get_sd(self) -> dict:
+        return self.first_stage_model.state_dict()
+
+    def _ensure_loaded(self) -> None:
+        if self.patcher is not None:
+            mm.load_models_gpu([self.patcher])
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+        """Latent [B,C,h,w] (raw VAE space) -> IMAGE [B, h*r, w*r, 3] float32 in 0..1 on the CPU."""
+        if samples.ndim != 4 or samples.shape[1] != self.latent_channels:
+            raise ValueError(f"this VAE decodes {self.latent_channels}-channel latents [B,C,H,W]; got "
+                             f"{tuple(samples.shape)}: the latent comes from a model of another family")
+        self._ensure_loaded()
+        out = []
+        for i in range(0, samples.shape[0], batch_size):
+            mm.throw_exception_if_processing_interrupted()
+            z = samples[i:i + batch_size].to(self.device, self.vae_dtype)
+            out.append(self.first_stage_model.decode(z).float().to(self.output_device))
+        img = torch.cat(out)
+        return ((img + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
+
+    def _crop(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Center-crop H and W down to multiples of the compression ratio, as VAEEncode does."""
+        r = self.downscale_ratio
+        h, w = pixels.shape[1] // r * r, pixels.shape[2] // r * r
+        if (h, w) == tuple(pixels.shape[1:3]):
+            return pixels
+        y, x = (pixels.shape[1] % r) // 2, (pixels.shape[2] % r) // 2
+        return pixels[:, y:y + h, x:x + w]
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+        """IMAGE [B,H,W,C] in 0..1 -> latent [B, C, H/r, W/r] (the distribution's mean) on the CPU."""
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+        pixels = self._crop(pixels[..., :3])  # alpha is dropped
+        self._ensure_loaded()
+        out = []
+        for i in range(0, pixels.shape[0], batch_size):
+            mm.throw_exception_if_processing_interrupted()
+            x = pixels[i:i + batch_size].movedim(-1, 1).to(self.device, self.vae_dtype) * 2.0 - 1.0
+            out.append(self.first_stage_model.encode(x).float().to(self.output_device))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_tiled(self, samples: torch.Tensor, tile_x: int = 64, tile_y: int = 64, overlap: int = 16
+                     ) -> torch.Tensor:
+        """Decode latent tiles of tile_y x tile_x (latent pixels) with `overlap`, blending the overlaps
+        linearly: bounded memory for large images, at the cost of small seams differences."""
+        b, _, h, w = samples.shape
+        r = self.upscale_ratio
+        if h <= tile_y and w <= tile_x:
+            return self.decode(samples)
+        self._ensure_loaded()
+        acc = torch.zeros(b, 3, h * r, w * r)
+        weight = torch.zeros(1, 1, h * r, w * r)
+        step_y, step_x = max(1, tile_y - overlap), max(1, tile_x - overlap)
+        ys = list(range(0, max(h - tile_y, 0) + 1, step_y))
+        xs = list(range(0, max(w - tile_x, 0) + 1, step_x))
+        if ys[-1] + tile_y < h:
+            ys.append(h - tile_y)
+        if xs[-1] + tile_x < w:
+            xs.append(w - tile_x)
+        for y in ys:
+            for x in xs:
+                mm.throw_exception_if_processing_interrupted()
+                tile = samples[:, :, y:y + tile_y, x:x + tile_x].to(self.device, self.vae_dtype)
+                img = self.first_stage_model.decode(tile).float().cpu()
+                th, tw = img.shape[-2:]
+                ramp = overlap * r
+                wy = torch.ones(th)
+                wx = torch.ones(tw)
+                if ramp > 0:
+                    ramp_t = torch.linspace(1.0 / ramp, 1.0, ramp)
+                    if y > 0:
+                        wy[:ramp] = ramp_t[:th]
+                    if y + tile_y < h:
+                        wy[-ramp:] = torch.minimum(wy[-ramp:], ramp_t.flip(0)[-th:])
+                    if x > 0:
+                        wx[:ramp] = ramp_t[:tw]
+                    if x + tile_x < w:
+                        wx[-ramp:] = torch.minimum(wx[-ramp:], ramp_t.flip(0)[-tw:])
+                mask = (wy[:, None] * wx[None, :])[None, None]
+                acc[:, :, y * r:y * r + th, x * r:x * r + tw] += img * mask
+                weight[:, :, y * r:y * r + th, x * r:x * r + tw] += mask
+        img = acc / weight
+        return ((img + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
