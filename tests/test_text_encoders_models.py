@@ -166,3 +166,18 @@ def test_patcher_weight_keys_use_comfy_names():
     if clip.patcher is not None:  # LoRA patches address the encoders through these names
         assert clip.patcher.model is clip.cond_stage_model
         assert clip.clone().patcher is not clip.patcher
+
+
+def test_t5_tokenizer_options(tmp_path):
+    _, sd_l = _clip(64)
+    _, sd_t5 = _t5(48, 4)
+    clip = te.load_text_encoders([sd_l, sd_t5], "flux", ["clip_l", _t5_file(tmp_path, "t5.safetensors", sd_t5)])
+    n = len(clip.tokenize("a cat")["t5xxl"][0])
+    assert n == 256
+    c2 = clip.clone()  # T5TokenizerOptions(min_padding=3, min_length=0) on a clone
+    c2.set_tokenizer_option("t5xxl_min_padding", 3)
+    c2.set_tokenizer_option("t5xxl_min_length", 0)
+    t = c2.tokenize("a cat")["t5xxl"][0]
+    assert [x for x, _ in t][-4:] == [1, 0, 0, 0] and len(t) < 256
+    assert len(clip.tokenize("a cat")["t5xxl"][0]) == 256  # the original is unchanged
+    assert c2.encode_from_tokens(c2.tokenize("a cat")).shape == (1, len(t), 48)

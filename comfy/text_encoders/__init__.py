@@ -78,19 +78,30 @@ class CLIP:
         self.cond_stage_model = torch.nn.ModuleDict({_MODULE_NAMES[k]: s.encoder for k, s in slots.items()})
         self.patcher = patcher
         self.layer_idx: int | None = None
+        self.tokenizer_options: dict = {}
 
     # -- ComfyUI API --------------------------------------------------------------------------------
     def clone(self) -> CLIP:
         c = copy.copy(self)  # encoders are shared; per-clone settings (layer, patches) are not
         c.patcher = self.patcher.clone() if self.patcher is not None else None
+        c.tokenizer_options = dict(self.tokenizer_options)
         return c
+
+    def set_tokenizer_option(self, name: str, value) -> None:
+        """T5TokenizerOptions: "<encoder>_min_length" / "<encoder>_min_padding", e.g. "t5xxl_min_length"."""
+        self.tokenizer_options[name] = value
 
     def clip_layer(self, layer_idx: int | None) -> None:
         """CLIPSetLastLayer (applies to the CLIP encoders of the set)."""
         self.layer_idx = layer_idx
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
-        return {k: s.chunker.tokenize(text) for k, s in self.slots.items()}
+        out = {}
+        for k, s in self.slots.items():
+            name = _MODULE_NAMES[k]
+            out[k] = s.chunker.tokenize(text, min_length=self.tokenizer_options.get(f"{name}_min_length", -1),
+                                        min_padding=self.tokenizer_options.get(f"{name}_min_padding"))
+        return out
 
     def _encode_slot(self, key: str, tokens: dict):
         slot = self.slots[key]

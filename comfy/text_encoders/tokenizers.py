@@ -306,7 +306,12 @@ class TokenChunker:
         if fill_to is not None and len(chunk) < fill_to:
             chunk.extend([(self.pad_token, 1.0)] * (fill_to - len(chunk)))
 
-    def tokenize(self, text: str) -> list[list[tuple[int, float]]]:
+    def tokenize(self, text: str, min_length: int | None = -1, min_padding: int | None = None
+                 ) -> list[list[tuple[int, float]]]:
+        """`min_length` (-1: this chunker's own) and `min_padding` (pad tokens always added after the end
+        token) are T5TokenizerOptions' per-prompt overrides."""
+        if min_length == -1:
+            min_length = self.min_length
         words: list[list[tuple[int, float]]] = []
         for segment, weight in parse_prompt_weights(text):
             for word in segment.replace("\n", " ").split(" "):
@@ -332,8 +337,10 @@ class TokenChunker:
                     group = []
         last = chunks[-1]
         self._close(last, self.max_length if self.pad_to_max_length else None)
-        if self.min_length is not None and len(last) < self.min_length:
-            last.extend([(self.pad_token, 1.0)] * (self.min_length - len(last)))
+        if min_padding:
+            last.extend([(self.pad_token, 1.0)] * min_padding)
+        if min_length is not None and len(last) < min_length:
+            last.extend([(self.pad_token, 1.0)] * (min_length - len(last)))
         return chunks
 
     def empty_chunk(self, length: int) -> list[int]:
