@@ -9,13 +9,24 @@ WEB_DIRECTORY). A pack that fails to import is logged and skipped, never fatal.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
+import random
 import sys
 import time
 import traceback
 
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence
+from PIL.PngImagePlugin import PngInfo
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
 import folder_paths
 
 MAX_RESOLUTION = 16384
@@ -26,8 +37,477 @@ MAX_RESOLUTION = 16384
 
 # (core node classes are defined here)
 
+# --- Loaders, text encoding, latents, VAE and images (Flux slice) -----------------------------------
+
+
+def _clip_model_options(device: str | None) -> dict:
+    return {"load_device": torch.device("cpu"), "offload_device": torch.device("cpu")} if device == "cpu" else {}
+
+
+class CheckpointLoaderSimple:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"ckpt_name": (folder_paths.get_filename_list("checkpoints"),
+                                           {"tooltip": "The name of the checkpoint (model) to load."})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The model used for denoising latents.",
+                       "The CLIP model used for encoding text prompts.",
+                       "The VAE model used for encoding and decoding images to and from latent space.")
+    FUNCTION = "load_checkpoint"
+    CATEGORY = "loaders"
+    DESCRIPTION = "Loads a diffusion model checkpoint, diffusion models are used to denoise latents."
+
+    def load_checkpoint(self, ckpt_name):
+        ckpt_path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+        out = comfy.sd.load_checkpoint_guess_config(
+            ckpt_path, output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        return out[:3]
+
+
+class UNETLoader:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),),
+                             "weight_dtype": (["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"],)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_unet"
+    CATEGORY = "advanced/loaders"
+
+    def load_unet(self, unet_name, weight_dtype):
+        model_options = {}
+        if weight_dtype in ("fp8_e4m3fn", "fp8_e4m3fn_fast"):
+            model_options["dtype"] = torch.float8_e4m3fn
+            if weight_dtype == "fp8_e4m3fn_fast":
+                model_options["fp8_optimizations"] = True
+        elif weight_dtype == "fp8_e5m2":
+            model_options["dtype"] = torch.float8_e5m2
+        unet_path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        return (comfy.sd.load_diffusion_model(unet_path, model_options=model_options),)
+
+
+CLIP_LOADER_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart",
+                     "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image",
+                     "hunyuan_image", "flux2", "ovis"]
+DUAL_CLIP_LOADER_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image",
+                          "hunyuan_video_15", "kandinsky5", "kandinsky5_image", "newbie"]
+
+
+class CLIPLoader:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("text_encoders"),),
+                             "type": (CLIP_LOADER_TYPES,)},
+                "optional": {"device": (["default", "cpu"], {"advanced": True})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = "[Recipes]\n\nstable_diffusion: clip-l\nsd3: t5 xxl/ clip-g / clip-l\nwan: umt5 xxl"
+
+    def load_clip(self, clip_name, type="stable_diffusion", device="default"):
+        path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
+        return (comfy.sd.load_clip([path], embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                   clip_type=type, model_options=_clip_model_options(device)),)
+
+
+class DualCLIPLoader:
+    @classmethod
+    def INPUT_TYPES(s):
+        names = folder_paths.get_filename_list("text_encoders")
+        return {"required": {"clip_name1": (names,), "clip_name2": (names,), "type": (DUAL_CLIP_LOADER_TYPES,)},
+                "optional": {"device": (["default", "cpu"], {"advanced": True})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = "[Recipes]\n\nsdxl: clip-l, clip-g\nsd3: clip-l, clip-g / clip-l, t5 / clip-g, t5\nflux: clip-l, t5"
+
+    def load_clip(self, clip_name1, clip_name2, type, device="default"):
+        paths = [folder_paths.get_full_path_or_raise("text_encoders", n) for n in (clip_name1, clip_name2)]
+        return (comfy.sd.load_clip(paths, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                   clip_type=type, model_options=_clip_model_options(device)),)
+
+
+class TripleCLIPLoader:
+    @classmethod
+    def INPUT_TYPES(s):
+        names = folder_paths.get_filename_list("text_encoders")
+        return {"required": {"clip_name1": (names,), "clip_name2": (names,), "clip_name3": (names,)}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = "[Recipes]\n\nsd3: clip-l, clip-g, t5"
+
+    def load_clip(self, clip_name1, clip_name2, clip_name3):
+        paths = [folder_paths.get_full_path_or_raise("text_encoders", n)
+                 for n in (clip_name1, clip_name2, clip_name3)]
+        return (comfy.sd.load_clip(paths, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                   clip_type="sd3"),)
+
+
+class VAELoader:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"vae_name": (folder_paths.get_filename_list("vae"),)}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load_vae"
+    CATEGORY = "loaders"
+
+    def load_vae(self, vae_name):
+        path = folder_paths.get_full_path_or_raise("vae", vae_name)
+        sd = comfy.utils.load_torch_file(path)
+        from comfy.vae import VAE
+
+        try:
+            return (VAE(sd=sd),)
+        except ValueError as e:
+            raise ValueError(f"'{vae_name}': {e}") from e
+
+
+class CLIPTextEncode:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                "tooltip": "The text to be encoded."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text used to guide the diffusion model.",)
+    FUNCTION = "encode"
+    CATEGORY = "conditioning"
+    DESCRIPTION = "Encodes a text prompt using a CLIP model into an embedding that can be used to guide " \
+                  "the diffusion model towards generating specific images."
+
+    def encode(self, clip, text):
+        if clip is None:
+            raise RuntimeError("CLIPTextEncode got no CLIP (None): the checkpoint has no text encoder. Load the "
+                               "text encoders with CLIPLoader / DualCLIPLoader and connect that CLIP instead.")
+        tokens = clip.tokenize(text)
+        return (clip.encode_from_tokens_scheduled(tokens),)
+
+
+class ConditioningZeroOut:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "zero_out"
+    CATEGORY = "advanced/conditioning"
+
+    def zero_out(self, conditioning):
+        out = []
+        for cond, extra in conditioning:
+            extra = dict(extra)
+            pooled = extra.get("pooled_output")
+            if pooled is not None:
+                extra["pooled_output"] = torch.zeros_like(pooled)
+            out.append([torch.zeros_like(cond), extra])
+        return (out,)
+
+
+class EmptyLatentImage:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {
+            "width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
+                              "tooltip": "The width of the latent images in pixels."}),
+            "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
+                               "tooltip": "The height of the latent images in pixels."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
+                                   "tooltip": "The number of latent images in the batch."})}}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The empty latent image batch.",)
+    FUNCTION = "generate"
+    CATEGORY = "latent"
+    DESCRIPTION = "Create a new batch of empty latent images to be denoised via sampling."
+
+    def generate(self, width, height, batch_size=1):
+        latent = torch.zeros([batch_size, 4, height // 8, width // 8],
+                             device=comfy.model_management.intermediate_device())
+        return ({"samples": latent},)
+
+
+class VAEDecode:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {
+            "samples": ("LATENT", {"tooltip": "The latent to be decoded."}),
+            "vae": ("VAE", {"tooltip": "The VAE model used for decoding the latent."})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded image.",)
+    FUNCTION = "decode"
+    CATEGORY = "latent"
+    DESCRIPTION = "Decodes latent images back into pixel space images."
+
+    def decode(self, vae, samples):
+        images = vae.decode(samples["samples"])
+        if images.ndim == 5:  # video: fold frames into the batch
+            images = images.reshape(-1, *images.shape[-3:])
+        return (images,)
+
+
+class VAEEncode:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+    CATEGORY = "latent"
+
+    def encode(self, vae, pixels):
+        return ({"samples": vae.encode(pixels[:, :, :, :3])},)
+
+
+class SaveImage:
+    def __init__(self):
+        self.output_dir = folder_paths.get_output_directory()
+        self.type = "output"
+        self.prefix_append = ""
+        self.compress_level = 4
+
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "The images to save."}),
+            "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": "The prefix for the file to save. "
+                                           "This may include formatting information such as %date:yyyy-MM-dd% "
+                                           "or %Empty Latent Image.width% to include values from nodes."})},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    CATEGORY = "image"
+    DESCRIPTION = "Saves the input images to your ComfyUI output directory."
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        from comfy.cli_args import args
+
+        filename_prefix += self.prefix_append
+        full_output_folder, filename, counter, subfolder, filename_prefix = folder_paths.get_save_image_path(
+            filename_prefix, self.output_dir, images[0].shape[1], images[0].shape[0])
+        results = []
+        for batch_number, image in enumerate(images):
+            arr = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
+            img = Image.fromarray(arr)
+            metadata = None
+            if not args.disable_metadata:
+                metadata = PngInfo()
+                if prompt is not None:
+                    metadata.add_text("prompt", json.dumps(prompt))
+                for key, value in (extra_pnginfo or {}).items():
+                    metadata.add_text(key, json.dumps(value))
+            name = filename.replace("%batch_num%", str(batch_number))
+            file = f"{name}_{counter:05}_.png"
+            img.save(os.path.join(full_output_folder, file), pnginfo=metadata, compress_level=self.compress_level)
+            results.append({"filename": file, "subfolder": subfolder, "type": self.type})
+            counter += 1
+        return {"ui": {"images": results}}
+
+
+class PreviewImage(SaveImage):
+    def __init__(self):
+        self.output_dir = folder_paths.get_temp_directory()
+        self.type = "temp"
+        self.prefix_append = "_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
+        self.compress_level = 1
+
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"images": ("IMAGE",)},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+
+class LoadImage:
+    @classmethod
+    def INPUT_TYPES(s):
+        input_dir = folder_paths.get_input_directory()
+        files = [f for f in os.listdir(input_dir) if os.path.isfile(os.path.join(input_dir, f))] \
+            if os.path.isdir(input_dir) else []
+        return {"required": {"image": (sorted(files), {"image_upload": True})}}
+
+    CATEGORY = "image"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+
+    def load_image(self, image):
+        image_path = folder_paths.get_annotated_filepath(image)
+        img = Image.open(image_path)
+        output_images, output_masks = [], []
+        w = h = None
+        for frame in ImageSequence.Iterator(img):
+            frame = ImageOps.exif_transpose(frame)
+            if frame.mode == "I":
+                frame = frame.point(lambda i: i * (1 / 255))
+            rgb = frame.convert("RGB")
+            if w is None:
+                w, h = rgb.size
+            if rgb.size != (w, h):
+                continue  # frames of another size cannot be batched
+            output_images.append(torch.from_numpy(np.array(rgb).astype(np.float32) / 255.0)[None])
+            if "A" in frame.getbands():
+                alpha = np.array(frame.getchannel("A")).astype(np.float32) / 255.0
+                output_masks.append((1.0 - torch.from_numpy(alpha))[None])
+            else:
+                output_masks.append(torch.zeros((1, 64, 64), dtype=torch.float32))
+            if img.format == "MPO":
+                break  # MPO's extra frames are depth/preview images, not animation
+        if len(output_images) > 1:
+            return (torch.cat(output_images, dim=0), torch.cat(output_masks, dim=0))
+        return (output_images[0], output_masks[0])
+
+    @classmethod
+    def IS_CHANGED(s, image):
+        image_path = folder_paths.get_annotated_filepath(image)
+        m = hashlib.sha256()
+        with open(image_path, "rb") as f:
+            m.update(f.read())
+        return m.digest().hex()
+
+    @classmethod
+    def VALIDATE_INPUTS(s, image):
+        if not folder_paths.exists_annotated_filepath(image):
+            return f"Invalid image file: {image}"
+        return True
+
+
+_FLUX_SLICE_NODES = {
+    "CheckpointLoaderSimple": (CheckpointLoaderSimple, "Load Checkpoint"),
+    "UNETLoader": (UNETLoader, "Load Diffusion Model"),
+    "CLIPLoader": (CLIPLoader, "Load CLIP"),
+    "DualCLIPLoader": (DualCLIPLoader, "DualCLIPLoader"),
+    "TripleCLIPLoader": (TripleCLIPLoader, "TripleCLIPLoader"),
+    "VAELoader": (VAELoader, "Load VAE"),
+    "CLIPTextEncode": (CLIPTextEncode, "CLIP Text Encode (Prompt)"),
+    "ConditioningZeroOut": (ConditioningZeroOut, "ConditioningZeroOut"),
+    "EmptyLatentImage": (EmptyLatentImage, "Empty Latent Image"),
+    "VAEDecode": (VAEDecode, "VAE Decode"),
+    "VAEEncode": (VAEEncode, "VAE Encode"),
+    "SaveImage": (SaveImage, "Save Image"),
+    "PreviewImage": (PreviewImage, "Preview Image"),
+    "LoadImage": (LoadImage, "Load Image"),
+}
+
+
+# -- sampling (KSampler, KSamplerAdvanced): ComfyUI's inputs, comfyui-compat.md §3 / §7 -----------------
+
+
+def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
+                    disable_noise=False, start_step=None, last_step=None, force_full_denoise=False):
+    """Seeded noise (ComfyUI's CPU draw, honouring batch_index), then comfy.sample.sample with progress."""
+    import torch
+
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    if disable_noise:
+        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout,
+                            device="cpu")
+    else:
+        noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative,
+                                  latent_image, denoise=denoise, disable_noise=disable_noise,
+                                  start_step=start_step, last_step=last_step,
+                                  force_full_denoise=force_full_denoise, noise_mask=latent.get("noise_mask"),
+                                  callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+                                  seed=seed)
+    out = latent.copy()
+    out["samples"] = samples
+    return (out,)
+
+
+def _sampler_names():
+    import comfy.samplers
+
+    return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
+
+
+class KSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        samplers, schedulers = _sampler_names()
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model used for denoising the input latent."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "The random seed used for creating the noise."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                              "tooltip": "The number of steps used in the denoising process."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale; 1.0 skips the negative prompt."}),
+            "sampler_name": (samplers, {"tooltip": "The sampling algorithm."}),
+            "scheduler": (schedulers, {"tooltip": "How the noise levels are spaced over the steps."}),
+            "positive": ("CONDITIONING", {"tooltip": "What to include in the image."}),
+            "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "How much of the latent is replaced by noise (1.0 = all)."}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+    CATEGORY = "sampling"
+    DESCRIPTION = "Uses the provided model, positive and negative conditioning to denoise the latent image."
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+               denoise=1.0):
+        return common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                               latent_image, denoise=denoise)
+
+
+class KSamplerAdvanced:
+    @classmethod
+    def INPUT_TYPES(cls):
+        samplers, schedulers = _sampler_names()
+        return {"required": {
+            "model": ("MODEL",),
+            "add_noise": (["enable", "disable"],),
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                                   "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (samplers,),
+            "scheduler": (schedulers,),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
+            "return_with_leftover_noise": (["disable", "enable"],),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = "sampling"
+
+    def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+               latent_image, start_at_step, end_at_step, return_with_leftover_noise, denoise=1.0):
+        return common_ksampler(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                               latent_image, denoise=denoise, disable_noise=add_noise == "disable",
+                               start_step=start_at_step, last_step=end_at_step,
+                               force_full_denoise=return_with_leftover_noise != "enable")
+
+
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+for _name, (_cls, _title) in _FLUX_SLICE_NODES.items():
+    NODE_CLASS_MAPPINGS[_name] = _cls
+    NODE_DISPLAY_NAME_MAPPINGS[_name] = _title
+NODE_CLASS_MAPPINGS.update({"KSampler": KSampler, "KSamplerAdvanced": KSamplerAdvanced})
+NODE_DISPLAY_NAME_MAPPINGS.update({"KSampler": "KSampler", "KSamplerAdvanced": "KSampler (Advanced)"})
 
 # ---------------------------------------------------------------------------------------------------
 # Loading comfy_extras and custom_nodes

@@ -168,11 +168,11 @@ class Flux(BaseModel):
         if pooled is not None:
             out["y"] = pooled.to(device) if device is not None else pooled
         if self.diffusion_model.params.guidance_embed:
+            # absent -> Flux-dev's default 3.5; present but None -> disabled (FluxDisableGuidance)
             g = kwargs.get("guidance", 3.5)
-            if g is None:
-                g = 3.5
-            out["guidance"] = torch.as_tensor([g] if not isinstance(g, torch.Tensor) else g,
-                                              dtype=torch.float32, device=device).reshape(-1)
+            if g is not None:
+                out["guidance"] = torch.as_tensor([g] if not isinstance(g, torch.Tensor) else g,
+                                                  dtype=torch.float32, device=device).reshape(-1)
         refs = kwargs.get("reference_latents")
         if refs:
             out["ref_latents"] = [self.process_latent_in(r) for r in refs]

@@ -149,7 +149,7 @@ def load_text_encoder_state_dicts(state_dicts: list[dict], clip_type=CLIPType.ST
 
     model_options = model_options or {}
     return load_text_encoders(state_dicts, _clip_type_name(clip_type), names=names,
-                              dtype=model_options.get("dtype"))
+                              device=model_options.get("load_device"), dtype=model_options.get("dtype"))
 
 
 def load_clip(ckpt_paths: list[str], embedding_directory: str | None = None,

@@ -101,10 +101,8 @@ class Flux(nn.Module):
             raise ValueError("Flux.embed expects token inputs [B, L, C]; call Flux.forward with a latent")
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
-        if self.params.guidance_embed:
-            if guidance is None:
-                raise ValueError("This Flux model (dev) needs a guidance value; use FluxGuidance or the "
-                                 "model default 3.5")
+        # guidance None on a dev model = FluxDisableGuidance: the embedding is left out, as in ComfyUI
+        if self.params.guidance_embed and guidance is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
         if y is None:
             y = torch.zeros((img.shape[0], self.params.vec_in_dim), device=img.device, dtype=img.dtype)
