@@ -845,7 +845,14 @@ def validate_prompt(prompt_id: str, prompt: Any, partial_execution_targets: list
         logger.warning("Output node %s failed validation: %s", out,
                        "; ".join(f"{r['message']}: {r['details']}" for r in reasons) or "an input failed")
     if not good:
-        details = "\n".join(f"{r['message']}: {r['details']}" for _, reasons in failed for r in reasons)
+        # Every error that made an output fail, its own or an ancestor's, so the message names the cause.
+        lines: list[str] = []
+        for reasons in [r for _, r in failed] + [e["errors"] for e in node_errors.values()]:
+            for r in reasons:
+                line = f"{r['message']}: {r['details']}"
+                if line not in lines:
+                    lines.append(line)
+        details = "\n".join(lines)
         return False, _error("prompt_outputs_failed_validation", "Prompt outputs failed validation",
                              details), [], node_errors
     return True, None, good, node_errors
