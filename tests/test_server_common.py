@@ -1,124 +1,21 @@
-"""Shared fixtures for the server tests (no tests here): a PromptServer on aiohttp's test client.
-
-The queue is the real `execution.PromptQueue` when execution.py exists, else `ContractQueue`, a small
-stand-in written from the PromptQueue contract in docs/internals.md.
-"""
+"""Shared fixtures for the server tests (no tests here): a PromptServer on aiohttp's test client,
+with the real `execution.PromptQueue`, and two tiny node classes registered for the test."""
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import heapq
-import importlib.util
 import os
-import threading
 
 import pytest
 import pytest_asyncio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_EXECUTION = importlib.util.find_spec("execution") is not None
-
-
-class ContractQueue:
-    """PromptQueue as docs/internals.md specifies it; used only until the real one is importable."""
-
-    def __init__(self, server):
-        self.server = server
-        self.mutex = threading.RLock()
-        self.queue: list = []
-        self.currently_running: dict = {}
-        self.task_counter = 0
-        self.history: dict = {}
-        self.flags: dict = {}
-
-    def put(self, item):
-        with self.mutex:
-            heapq.heappush(self.queue, item)
-            self.server.queue_updated()
-
-    def get(self, timeout=None):
-        with self.mutex:
-            if not self.queue:
-                return None
-            item = heapq.heappop(self.queue)
-            i = self.task_counter
-            self.currently_running[i] = copy.deepcopy(item)
-            self.task_counter += 1
-            self.server.queue_updated()
-            return item, i
-
-    def task_done(self, item_id, history_result, status):
-        with self.mutex:
-            prompt = self.currently_running.pop(item_id)
-            self.history[prompt[1]] = {"prompt": list(prompt[:5]), "outputs": history_result.get("outputs", {}),
-                                       "status": status, "meta": history_result.get("meta", {})}
-            self.server.queue_updated()
-
-    def get_current_queue(self):
-        with self.mutex:
-            return list(self.currently_running.values()), copy.deepcopy(self.queue)
-
-    get_current_queue_volatile = get_current_queue
-
-    def get_tasks_remaining(self):
-        with self.mutex:
-            return len(self.queue) + len(self.currently_running)
-
-    def wipe_queue(self):
-        with self.mutex:
-            self.queue = []
-            self.server.queue_updated()
-
-    def delete_queue_item(self, fn):
-        with self.mutex:
-            for i, item in enumerate(self.queue):
-                if fn(item):
-                    self.queue.pop(i)
-                    heapq.heapify(self.queue)
-                    self.server.queue_updated()
-                    return True
-            return False
-
-    def get_history(self, prompt_id=None, max_items=None, offset=-1):
-        with self.mutex:
-            if prompt_id is not None:
-                return {prompt_id: copy.deepcopy(self.history[prompt_id])} if prompt_id in self.history else {}
-            keys = list(self.history)
-            if offset < 0 and max_items is not None:
-                offset = max(len(keys) - max_items, 0)
-            offset = max(offset, 0)
-            keys = keys[offset:offset + max_items] if max_items is not None else keys[offset:]
-            return {k: copy.deepcopy(self.history[k]) for k in keys}
-
-    def wipe_history(self):
-        with self.mutex:
-            self.history.clear()
-
-    def delete_history_item(self, id_to_delete):
-        with self.mutex:
-            self.history.pop(id_to_delete, None)
-
-    def set_flag(self, name, data):
-        with self.mutex:
-            self.flags[name] = data
-
-    def get_flags(self, reset=True):
-        with self.mutex:
-            out = self.flags
-            if reset:
-                self.flags = {}
-            else:
-                out = dict(out)
-            return out
 
 
 def make_queue(server):
-    if HAVE_EXECUTION:
-        import execution
+    import execution
 
-        return execution.PromptQueue(server)
-    return ContractQueue(server)
+    return execution.PromptQueue(server)
 
 
 # --- tiny nodes ------------------------------------------------------------------------------------
@@ -153,7 +50,38 @@ class SrvShowInt:
         return {"ui": {"text": [f"{label}={value * 2}"]}}
 
 
-TEST_NODES = {"SrvConstInt": SrvConstInt, "SrvShowInt": SrvShowInt}
+class SrvPreviewSteps:
+    """Reports `steps` progress steps with a preview image each, and a progress text; waits on GATE."""
+
+    GATE = None  # a threading.Event a test may set to hold the node at its first step
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"forceInput": True}),
+                             "steps": ("INT", {"default": 2, "min": 1, "max": 10})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, value, steps, unique_id=None):
+        from PIL import Image
+
+        import comfy.utils
+        import server
+
+        server.PromptServer.instance.send_progress_text("working", unique_id)
+        bar = comfy.utils.ProgressBar(steps)
+        for i in range(steps):
+            gate = SrvPreviewSteps.GATE
+            if gate is not None:
+                gate.wait(10)
+            bar.update_absolute(i + 1, steps, ("JPEG", Image.new("RGB", (1024, 512), (200, 10, 10)), None))
+        return (value + steps,)
+
+
+TEST_NODES = {"SrvConstInt": SrvConstInt, "SrvShowInt": SrvShowInt, "SrvPreviewSteps": SrvPreviewSteps}
 
 
 @pytest.fixture
