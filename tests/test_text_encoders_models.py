@@ -181,3 +181,24 @@ def test_t5_tokenizer_options(tmp_path):
     assert [x for x, _ in t][-4:] == [1, 0, 0, 0] and len(t) < 256
     assert len(clip.tokenize("a cat")["t5xxl"][0]) == 256  # the original is unchanged
     assert c2.encode_from_tokens(c2.tokenize("a cat")).shape == (1, len(t), 48)
+
+
+def test_full_size_configs_from_shapes():
+    """Real CLIP-G and T5-XXL shapes (meta tensors: nothing allocated) give the published sizes."""
+    from comfy.text_encoders.encoders import clip_config, t5_config
+
+    m = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    g = {"text_model.embeddings.token_embedding.weight": m(49408, 1280),
+         "text_model.embeddings.position_embedding.weight": m(77, 1280),
+         "text_model.encoder.layers.0.mlp.fc1.weight": m(5120, 1280), "text_projection.weight": m(1280, 1280)}
+    g.update({f"text_model.encoder.layers.{i}.mlp.fc2.weight": m(1280, 5120) for i in range(32)})
+    cfg = clip_config(g)
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act) == (
+        32, 20, 5120, "gelu")
+    t5 = {"shared.weight": m(32128, 4096), "encoder.block.0.layer.0.SelfAttention.q.weight": m(4096, 4096),
+          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": m(32, 64),
+          "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": m(10240, 4096)}
+    t5.update({f"encoder.block.{i}.layer.0.layer_norm.weight": m(4096) for i in range(24)})
+    cfg = t5_config(t5, "t5")
+    assert (cfg.num_layers, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.vocab_size) == (24, 64, 64, 10240, 32128)
+    assert cfg.is_gated_act
