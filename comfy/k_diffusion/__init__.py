@@ -1,0 +1,1 @@
+"""Our own samplers with ComfyUI / k-diffusion numerics (`comfy.k_diffusion.sampling`)."""

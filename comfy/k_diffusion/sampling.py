@@ -1,0 +1,752 @@
+"""Sampler step loops and their noise sources (`sample_<name>`, as ComfyUI's KSAMPLER looks them up).
+
+Every sampler has the k-diffusion signature `sample_x(model, x, sigmas, extra_args=None, callback=None,
+disable=None, **options)`: `model(x, sigma[B], **extra_args)` returns the denoised latent, `x` starts
+already noised to `sigmas[0]`, and `callback({"x", "i", "sigma", "sigma_hat", "denoised"})` runs once
+per step. The formulas follow the published methods (Karras et al. 2022; DPM-Solver++, Lu et al. 2022;
+LCM; iPNDM) with ComfyUI's conventions, which matter for bit-compatible results:
+
+* per-step noise of ancestral samplers comes from `torch.Generator(device=x.device)` seeded with the
+  node's seed (`extra_args["seed"]`); SDE samplers use a Brownian tree seeded the same way, on the CPU
+  (`_gpu` variants build it on x's device);
+* for rectified-flow models (CONST) the ancestral samplers switch to their RF forms, and the SDE samplers
+  work in half-log-SNR of the flow parameterisation.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torchsde
+from scipy import integrate
+from tqdm.auto import trange
+
+from comfy import model_sampling as ms_mod
+from comfy.k_diffusion.utils import append_dims, append_zero
+
+# ---------------------------------------------------------------------------------------------------
+# Sigma schedules that need only (n, sigma_min, sigma_max)
+# ---------------------------------------------------------------------------------------------------
+
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu"):
+    ramp = torch.linspace(0, 1, n, device=device)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return append_zero(sigmas).to(device)
+
+
+def get_sigmas_exponential(n, sigma_min, sigma_max, device="cpu"):
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, device=device).exp()
+    return append_zero(sigmas)
+
+
+def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1.0, device="cpu"):
+    ramp = torch.linspace(1, 0, n, device=device) ** rho
+    sigmas = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    return append_zero(sigmas)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def to_d(x, sigma, denoised):
+    """The probability-flow ODE derivative dx/dsigma."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
+    """Split a step into a deterministic part down to sigma_down and fresh noise of size sigma_up."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def default_noise_sampler(x, seed=None):
+    """Fresh Gaussian noise per call; seeded generator on x's device, so results depend on the device."""
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed)
+    else:
+        generator = None
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
+                                                 generator=generator)
+
+
+class BatchedBrownianTree:
+    """A torchsde Brownian tree (one per seed) that answers W(t1) - W(t0) for any interval."""
+
+    def __init__(self, x, t0, t1, seed=None, cpu=True):
+        self.cpu_tree = cpu
+        t0, t1, self.sign = self.sort(t0, t1)
+        w0 = torch.zeros_like(x)
+        self.batched = isinstance(seed, (tuple, list))
+        if seed is None:
+            seeds = [torch.randint(0, 2 ** 63 - 1, []).item()]
+        elif self.batched:
+            if len(seed) != x.shape[0]:
+                raise ValueError(f"{len(seed)} seeds given for a batch of {x.shape[0]}; pass one seed per sample")
+            seeds = list(seed)
+            w0 = w0[0]
+        else:
+            seeds = [seed]
+        if self.cpu_tree:
+            t0, w0, t1 = t0.detach().cpu(), w0.detach().cpu(), t1.detach().cpu()
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s) for s in seeds]
+
+    @staticmethod
+    def sort(a, b):
+        return (a, b, 1) if a < b else (b, a, -1)
+
+    def __call__(self, t0, t1):
+        t0, t1, sign = self.sort(t0, t1)
+        if self.cpu_tree:
+            w = torch.stack([tree(t0.cpu().float(), t1.cpu().float()).to(t0.dtype).to(t0.device)
+                             for tree in self.trees])
+        else:
+            w = torch.stack([tree(t0, t1) for tree in self.trees])
+        w = w * (self.sign * sign)
+        return w if self.batched else w[0]
+
+
+class BrownianTreeNoiseSampler:
+    """Noise for SDE samplers: normalised Brownian increments, so the same seed gives the same path
+    whatever the step sizes (a finer schedule refines rather than redraws the noise)."""
+
+    def __init__(self, x, sigma_min, sigma_max, seed=None, transform=lambda x: x, cpu=False):
+        self.transform = transform
+        t0 = self.transform(torch.as_tensor(sigma_min))
+        t1 = self.transform(torch.as_tensor(sigma_max))
+        self.tree = BatchedBrownianTree(x, t0, t1, seed, cpu=cpu)
+
+    def __call__(self, sigma, sigma_next):
+        t0 = self.transform(torch.as_tensor(sigma))
+        t1 = self.transform(torch.as_tensor(sigma_next))
+        return self.tree(t0, t1) / (t1 - t0).abs().sqrt()
+
+
+def model_sampling_of(model):
+    """The model_sampling object behind the wrapped model a sampler receives (None for a bare callable)."""
+    inner = getattr(model, "inner_model", None)
+    patcher = getattr(inner, "model_patcher", None)
+    if patcher is not None and hasattr(patcher, "get_model_object"):
+        return patcher.get_model_object("model_sampling")
+    base = getattr(inner, "inner_model", None)
+    return getattr(base, "model_sampling", None)
+
+
+def _is_flow(model) -> bool:
+    return isinstance(model_sampling_of(model), ms_mod.CONST)
+
+
+def sigma_to_half_log_snr(sigma, model_sampling):
+    """lambda = log(alpha / sigma): -log(sigma) for VE models, -logit(sigma) for rectified flow."""
+    if isinstance(model_sampling, ms_mod.CONST):
+        return sigma.logit().neg()
+    return sigma.log().neg()
+
+
+def half_log_snr_to_sigma(half_log_snr, model_sampling):
+    if isinstance(model_sampling, ms_mod.CONST):
+        return half_log_snr.neg().sigmoid()
+    return half_log_snr.neg().exp()
+
+
+def offset_first_sigma_for_snr(sigmas, model_sampling, percent_offset=1e-4):
+    """Flow sigma 1.0 has infinite negative log-SNR; start just below it instead."""
+    if len(sigmas) <= 1:
+        return sigmas
+    if isinstance(model_sampling, ms_mod.CONST) and sigmas[0] >= 1:
+        sigmas = sigmas.clone()
+        sigmas[0] = model_sampling.percent_to_sigma(percent_offset)
+    return sigmas
+
+
+def _churn(sigmas, i, s_churn, s_tmin, s_tmax):
+    if s_churn > 0 and s_tmin <= sigmas[i] <= s_tmax:
+        return min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1)
+    return 0.0
+
+
+def _rf_ancestral(sigma, sigma_next, eta):
+    """RF ancestral split: the deterministic target sigma_down, and the re-noise scale and alpha ratio."""
+    downstep_ratio = 1 + (sigma_next / sigma - 1) * eta
+    sigma_down = sigma_next * downstep_ratio
+    alpha_ip1 = 1 - sigma_next
+    alpha_down = 1 - sigma_down
+    renoise_coeff = (sigma_next ** 2 - sigma_down ** 2 * alpha_ip1 ** 2 / alpha_down ** 2) ** 0.5
+    return sigma_down, alpha_ip1 / alpha_down, renoise_coeff
+
+
+def _cb(callback, x, i, sigma, sigma_hat, denoised):
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            eps = torch.randn_like(x) * s_noise
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        _cb(callback, x, i, sigmas[i], sigma_hat, denoised)
+        x = x + d * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                           s_noise=1.0, noise_sampler=None):
+    if _is_flow(model):
+        return sample_euler_ancestral_RF(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
+                                         noise_sampler)
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        if sigma_down == 0:
+            x = denoised
+        else:
+            d = to_d(x, sigmas[i], denoised)
+            x = x + d * (sigma_down - sigmas[i]) + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                              s_noise=1.0, noise_sampler=None):
+    """Ancestral Euler for rectified flow: step to sigma_down along the straight path, then re-noise."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            sigma_down, alpha_ratio, renoise_coeff = _rf_ancestral(sigmas[i], sigmas[i + 1], eta)
+            ratio = sigma_down / sigmas[i]
+            x = ratio * x + (1 - ratio) * denoised
+            if eta > 0:
+                x = alpha_ratio * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise_coeff
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                s_tmax=float("inf"), s_noise=1.0):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            eps = torch.randn_like(x) * s_noise
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        _cb(callback, x, i, sigmas[i], sigma_hat, denoised)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == 0:
+            x = x + d * dt  # the corrector would evaluate the model at sigma 0
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
+                 s_tmax=float("inf"), s_noise=1.0):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            eps = torch.randn_like(x) * s_noise
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        _cb(callback, x, i, sigmas[i], sigma_hat, denoised)
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigma_hat)
+        else:
+            sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
+            d_2 = to_d(x_2, sigma_mid, denoised_2)
+            x = x + d_2 * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                           s_noise=1.0, noise_sampler=None):
+    if _is_flow(model):
+        return sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
+                                         noise_sampler)
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
+            d_2 = to_d(x_2, sigma_mid, denoised_2)
+            x = x + d_2 * (sigma_down - sigmas[i])
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                              s_noise=1.0, noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, alpha_ratio, renoise_coeff = _rf_ancestral(sigmas[i], sigmas[i + 1], eta)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
+            d_2 = to_d(x_2, sigma_mid, denoised_2)
+            x = x + d_2 * (sigma_down - sigmas[i])
+            x = alpha_ratio * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise_coeff
+    return x
+
+
+def linear_multistep_coeff(order, t, i, j):
+    """Integral over [t_i, t_i+1] of the j-th Lagrange basis polynomial through the last `order` sigmas."""
+    if order - 1 > i:
+        raise ValueError(f"Order {order} too high for step {i}")
+
+    def fn(tau):
+        prod = 1.0
+        for k in range(order):
+            if j == k:
+                continue
+            prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+        return prod
+
+    return integrate.quad(fn, t[i], t[i + 1], epsrel=1e-4)[0]
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    sigmas_cpu = sigmas.detach().cpu().numpy()
+    ds = []
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = to_d(x, sigmas[i], denoised)
+        ds.append(d)
+        if len(ds) > order:
+            ds.pop(0)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        cur_order = min(i + 1, order)
+        coeffs = [linear_multistep_coeff(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
+        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                              s_noise=1.0, noise_sampler=None):
+    if _is_flow(model):
+        return sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
+                                            noise_sampler)
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        if sigma_down == 0:
+            d = to_d(x, sigmas[i], denoised)
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(sigma_down)
+            r = 1 / 2
+            h = t_next - t
+            s = t + r * h
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-h * r).expm1() * denoised
+            denoised_2 = model(x_2, sigma_fn(s) * s_in, **extra_args)
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                 s_noise=1.0, noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(lbda):
+        return (lbda.exp() + 1) ** -1
+
+    def lambda_fn(sigma):
+        return ((1 - sigma) / sigma).log()
+
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, alpha_ratio, renoise_coeff = _rf_ancestral(sigmas[i], sigmas[i + 1], eta)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            d = to_d(x, sigmas[i], denoised)
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            if sigmas[i] == 1.0:
+                sigma_s = 0.9999  # lambda(1.0) is -inf
+            else:
+                t_i, t_down = lambda_fn(sigmas[i]), lambda_fn(sigma_down)
+                sigma_s = sigma_fn(t_i + 0.5 * (t_down - t_i))
+            ratio_s = sigma_s / sigmas[i]
+            u = ratio_s * x + (1 - ratio_s) * denoised
+            d_i = model(u, sigma_s * s_in, **extra_args)
+            ratio_down = sigma_down / sigmas[i]
+            x = ratio_down * x + (1 - ratio_down) * d_i
+            if eta > 0:
+                x = alpha_ratio * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise_coeff
+    return x
+
+
+def _brownian(x, sigmas, extra_args, cpu):
+    sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
+    return BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=extra_args.get("seed"), cpu=cpu)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                     noise_sampler=None, r=1 / 2):
+    """DPM-Solver++(2S) SDE in half-log-SNR (so VE and rectified-flow models share one update)."""
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian(x, sigmas, extra_args, cpu=True) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    model_sampling = model_sampling_of(model)
+    sigma_fn = partial(half_log_snr_to_sigma, model_sampling=model_sampling)
+    lambda_fn = partial(sigma_to_half_log_snr, model_sampling=model_sampling)
+    sigmas = offset_first_sigma_for_snr(sigmas, model_sampling)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lambda_s, lambda_t = lambda_fn(sigmas[i]), lambda_fn(sigmas[i + 1])
+        h = lambda_t - lambda_s
+        lambda_s_1 = lambda_s + r * h
+        fac = 1 / (2 * r)
+        sigma_s_1 = sigma_fn(lambda_s_1)
+        alpha_s = sigmas[i] * lambda_s.exp()
+        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
+        alpha_t = sigmas[i + 1] * lambda_t.exp()
+
+        # step 1: to the intermediate point
+        sd, su = get_ancestral_step(lambda_s.neg().exp(), lambda_s_1.neg().exp(), eta)
+        h_ = sd.log().neg() - lambda_s
+        x_2 = (alpha_s_1 / alpha_s) * (-h_).exp() * x - alpha_s_1 * (-h_).expm1() * denoised
+        if eta > 0 and s_noise > 0:
+            x_2 = x_2 + alpha_s_1 * noise_sampler(sigmas[i], sigma_s_1) * s_noise * su
+        denoised_2 = model(x_2, sigma_s_1 * s_in, **extra_args)
+
+        # step 2: the full step with the blended data prediction
+        sd, su = get_ancestral_step(lambda_s.neg().exp(), lambda_t.neg().exp(), eta)
+        h_ = sd.log().neg() - lambda_s
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
+        if eta > 0 and s_noise > 0:
+            x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * su
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                         noise_sampler=None, r=1 / 2):
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian(x, sigmas, extra_args, cpu=False) if noise_sampler is None else noise_sampler
+    return sample_dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    old_denoised = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
+        else:
+            h_last = t - t_fn(sigmas[i - 1])
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                        noise_sampler=None, solver_type="midpoint"):
+    """DPM-Solver++(2M) SDE in half-log-SNR."""
+    if len(sigmas) <= 1:
+        return x
+    if solver_type not in {"heun", "midpoint"}:
+        raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian(x, sigmas, extra_args, cpu=True) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    model_sampling = model_sampling_of(model)
+    lambda_fn = partial(sigma_to_half_log_snr, model_sampling=model_sampling)
+    sigmas = offset_first_sigma_for_snr(sigmas, model_sampling)
+    old_denoised = None
+    h, h_last = None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lambda_s, lambda_t = lambda_fn(sigmas[i]), lambda_fn(sigmas[i + 1])
+            h = lambda_t - lambda_s
+            h_eta = h * (eta + 1)
+            alpha_t = sigmas[i + 1] * lambda_t.exp()
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            if eta > 0 and s_noise > 0:
+                x = x + (noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
+                         * (-2 * h * eta).expm1().neg().sqrt() * s_noise)
+        old_denoised = denoised
+        h_last = h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                            s_noise=1.0, noise_sampler=None, solver_type="midpoint"):
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian(x, sigmas, extra_args, cpu=False) if noise_sampler is None else noise_sampler
+    return sample_dpmpp_2m_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
+                               solver_type)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                             s_noise=1.0, noise_sampler=None, solver_type="heun"):
+    return sample_dpmpp_2m_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
+                               solver_type)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                                 s_noise=1.0, noise_sampler=None, solver_type="heun"):
+    return sample_dpmpp_2m_sde_gpu(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
+                                   noise_sampler, solver_type)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                        noise_sampler=None):
+    """DPM-Solver++(3M) SDE in half-log-SNR."""
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian(x, sigmas, extra_args, cpu=True) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    model_sampling = model_sampling_of(model)
+    lambda_fn = partial(sigma_to_half_log_snr, model_sampling=model_sampling)
+    sigmas = offset_first_sigma_for_snr(sigmas, model_sampling)
+    denoised_1, denoised_2 = None, None
+    h, h_1, h_2 = None, None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lambda_s, lambda_t = lambda_fn(sigmas[i]), lambda_fn(sigmas[i + 1])
+            h = lambda_t - lambda_s
+            h_eta = h * (eta + 1)
+            alpha_t = sigmas[i + 1] * lambda_t.exp()
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0 = h_1 / h
+                r1 = h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
+            elif h_1 is not None:
+                r = h_1 / h
+                d = (denoised - denoised_1) / r
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + (alpha_t * phi_2) * d
+            if eta > 0 and s_noise > 0:
+                x = x + (noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
+                         * (-2 * h * eta).expm1().neg().sqrt() * s_noise)
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
+                            s_noise=1.0, noise_sampler=None):
+    if len(sigmas) <= 1:
+        return x
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _brownian(x, sigmas, extra_args, cpu=False) if noise_sampler is None else noise_sampler
+    return sample_dpmpp_3m_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler)
+
+
+def _ddpm_step(x, sigma, sigma_prev, noise, noise_sampler):
+    alpha_cumprod = 1 / ((sigma * sigma) + 1)
+    alpha_cumprod_prev = 1 / ((sigma_prev * sigma_prev) + 1)
+    alpha = alpha_cumprod / alpha_cumprod_prev
+    mu = (1.0 / alpha).sqrt() * (x - (1 - alpha) * noise / (1 - alpha_cumprod).sqrt())
+    if sigma_prev > 0:
+        mu = mu + ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)).sqrt() * noise_sampler(
+            sigma, sigma_prev)
+    return mu
+
+
+@torch.no_grad()
+def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """Ancestral DDPM posterior sampling, done in VP space (x / sqrt(1 + sigma^2))."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        x = _ddpm_step(x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1],
+                       (x - denoised) / sigmas[i], noise_sampler)
+        if sigmas[i + 1] != 0:
+            x = x * torch.sqrt(1.0 + sigmas[i + 1] ** 2.0)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """Consistency sampling: jump to the prediction, re-noise it to the next sigma with the model's scaling."""
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    model_sampling = model_sampling_of(model)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            noise = noise_sampler(sigmas[i], sigmas[i + 1])
+            if model_sampling is not None:
+                x = model_sampling.noise_scaling(sigmas[i + 1], noise, x)
+            else:
+                x = x + noise * sigmas[i + 1]
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """Improved PNDM: Adams-Bashforth on dx/dsigma with up to 4 past derivatives."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    x_next = x
+    buffer_model = []
+    for i in trange(len(sigmas) - 1, disable=disable):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in, **extra_args)
+        _cb(callback, x_cur, i, sigmas[i], sigmas[i], denoised)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        dt = t_next - t_cur
+        if order == 1:
+            x_next = x_cur + dt * d_cur
+        elif order == 2:
+            x_next = x_cur + dt * (3 * d_cur - buffer_model[-1]) / 2
+        elif order == 3:
+            x_next = x_cur + dt * (23 * d_cur - 16 * buffer_model[-1] + 5 * buffer_model[-2]) / 12
+        else:
+            x_next = x_cur + dt * (55 * d_cur - 59 * buffer_model[-1] + 37 * buffer_model[-2]
+                                   - 9 * buffer_model[-3]) / 24
+        if len(buffer_model) == max_order - 1:
+            buffer_model = buffer_model[1:] + [d_cur]
+        else:
+            buffer_model.append(d_cur)
+    return x_next
