@@ -29,8 +29,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # Small Flux: head dim 32 -> axes_dim [4, 14, 14] (see comfy.model_detection.flux_axes_dim).
-DEMO_FLUX = dict(hidden_size=128, num_heads=4, depth=2, depth_single_blocks=2, context_in_dim=64,
-                 vec_in_dim=32, in_channels=16, mlp_ratio=4.0, qkv_bias=True)
+# context_in_dim is the demo T5's width, vec_in_dim the demo CLIP-L's (Flux takes CLIP-L's unprojected pooled).
+DEMO_T5 = dict(d_model=64, heads=2, layers=2, vocab=160)
+DEMO_CLIP_L = dict(hidden=64, layers=2)
+DEMO_FLUX = dict(hidden_size=128, num_heads=4, depth=2, depth_single_blocks=2, context_in_dim=DEMO_T5["d_model"],
+                 vec_in_dim=DEMO_CLIP_L["hidden"], in_channels=16, mlp_ratio=4.0, qkv_bias=True)
 
 
 def random_flux_state_dict(hidden_size: int = 64, num_heads: int = 2, depth: int = 1,
@@ -120,9 +123,82 @@ def write_demo_models(models_dir: str, seed: int = 0) -> list[str]:
     return written
 
 
+def random_clip_l_state_dict(hidden: int = 64, layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """CLIP-L text tower in the Hugging Face layout ComfyUI's clip_l files use (real 49408-token vocab,
+    77 positions, so the packaged CLIP tokenizer fits)."""
+    import transformers as tr
+
+    cfg = tr.CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                            projection_dim=hidden, hidden_act="quick_gelu", max_position_embeddings=77,
+                            eos_token_id=49407)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = tr.CLIPTextModelWithProjection(cfg)
+    return {k: v.contiguous() for k, v in m.state_dict().items() if not k.endswith("position_ids")}
+
+
+def random_t5_state_dict(d_model: int = 64, heads: int = 2, layers: int = 2, vocab: int = 160,
+                         seed: int = 1) -> dict[str, torch.Tensor]:
+    """T5 v1.1 encoder (gated-gelu) in the Hugging Face layout of ComfyUI's t5xxl files."""
+    import transformers as tr
+
+    cfg = tr.T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, num_heads=heads,
+                      d_ff=2 * d_model, num_layers=layers, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = tr.T5EncoderModel(cfg)
+    # ComfyUI's T5 files carry shared.weight, not the tied encoder.embed_tokens copy
+    return {k: v.contiguous() for k, v in m.state_dict().items() if k != "encoder.embed_tokens.weight"}
+
+
+def random_flux_vae_state_dict(seed: int = 2) -> dict[str, torch.Tensor]:
+    """16-channel KL VAE in the LDM layout of Flux's ae.safetensors: 8x downscale, no quant convs,
+    narrow channels (32) so it decodes fast on a CPU."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = AutoencoderKL(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1, in_channels=3, out_ch=3, z_channels=16,
+                          quant_conv=False, post_quant_conv=False)
+    return {k: v.contiguous() for k, v in m.state_dict().items()}
+
+
+def _spiece_tensor(tmp_dir: str) -> torch.Tensor:
+    """A tiny sentencepiece model (T5 special ids), embedded in the T5 file as ComfyUI's `spiece_model`."""
+    from comfy.text_encoders.tokenizers import write_small_tokenizer
+
+    path = write_small_tokenizer("t5", tmp_dir)
+    with open(path, "rb") as f:
+        data = f.read()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
 def write_demo_text_encoders_and_vae(models_dir: str, seed: int = 0) -> list[str]:
-    """CLIP-L, T5 and the VAE, in the layouts comfy.text_encoders / comfy.vae read."""
-    return []
+    """CLIP-L, T5 (with its tokenizer embedded) and the VAE, in the layouts comfy.text_encoders / comfy.vae read."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    meta = {"taco_demo": "random weights, for tests and demos only"}
+    te_dir = os.path.join(models_dir, "text_encoders")
+    vae_dir = os.path.join(models_dir, "vae")
+    os.makedirs(te_dir, exist_ok=True)
+    os.makedirs(vae_dir, exist_ok=True)
+    written = []
+    clip_path = os.path.join(te_dir, "taco-demo-clip_l.safetensors")
+    save_file(random_clip_l_state_dict(**DEMO_CLIP_L, seed=seed), clip_path, metadata=meta)
+    written.append(clip_path)
+    t5 = random_t5_state_dict(**DEMO_T5, seed=seed + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        t5["spiece_model"] = _spiece_tensor(tmp)
+    t5_path = os.path.join(te_dir, "taco-demo-t5xxl.safetensors")
+    save_file(t5, t5_path, metadata=meta)
+    written.append(t5_path)
+    vae_path = os.path.join(vae_dir, "taco-demo-flux-ae.safetensors")
+    save_file(random_flux_vae_state_dict(seed=seed + 2), vae_path, metadata=meta)
+    written.append(vae_path)
+    return written
 
 
 if __name__ == "__main__":
