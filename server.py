@@ -250,6 +250,14 @@ class PromptServer:
 
     def send_sync(self, event, data, sid: str | None = None) -> None:
         """Queue a message from any thread; `publish_loop` sends messages in the order they were queued."""
+        if event == BinaryEventTypes.UNENCODED_PREVIEW_IMAGE and self.last_node_id is not None:
+            # The executor's preview is of the node running now; name it here, in the calling thread,
+            # because by the time publish_loop sends it the node may have finished. Clients that did not
+            # ask for metadata still get a plain type 1 frame.
+            node = self.last_node_id
+            event = BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA
+            data = (data, {"node_id": node, "prompt_id": self.last_prompt_id, "display_node_id": node,
+                           "parent_node_id": None, "real_node_id": node})
         try:
             self.loop.call_soon_threadsafe(self.messages.put_nowait, (event, data, sid))
         except RuntimeError:
@@ -288,16 +296,8 @@ class PromptServer:
         fmt_num, mime, body = await asyncio.to_thread(encode_preview, image_data)
         targets = list(self.sockets) if sid is None else [sid]
         for target in targets:
-            meta = metadata
-            if meta is None and self.client_supports(target, "supports_preview_metadata") \
-                    and self.last_node_id is not None:
-                # An executor that only knows "a preview of the running node" still gives metadata-aware
-                # clients the node and prompt the image belongs to.
-                meta = {"node_id": self.last_node_id, "prompt_id": self.last_prompt_id,
-                        "display_node_id": self.last_node_id, "parent_node_id": None,
-                        "real_node_id": self.last_node_id}
-            if meta is not None and self.client_supports(target, "supports_preview_metadata"):
-                meta = {**meta, "image_type": mime}
+            if metadata is not None and self.client_supports(target, "supports_preview_metadata"):
+                meta = {**metadata, "image_type": mime}
                 encoded = json.dumps(meta).encode("utf-8")
                 payload = struct.pack(">I", len(encoded)) + encoded + body
                 await self.send_bytes(BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA, payload, target)
