@@ -110,3 +110,51 @@ def test_odd_latent_size_is_padded_and_cropped():
     with torch.no_grad():
         out = m(x, torch.tensor([0.5]), torch.randn(1, 3, CFG["context_in_dim"]), y=torch.randn(1, 12))
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_kontext_reference_tokens_match_diffusers():
+    """Kontext: reference latents become extra image tokens with RoPE index 1 (diffusers' Kontext layout)."""
+    from diffusers import FluxTransformer2DModel
+
+    import comfy.model_detection
+    from comfy.ldm.flux.model import Flux
+
+    sd = _demo_module().random_flux_state_dict(**CFG, guidance_embed=True, seed=8)
+    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    ours = Flux(**cfg).eval()
+    ours.load_state_dict(sd)
+    theirs = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=CFG["depth"], num_single_layers=CFG["depth_single_blocks"],
+        attention_head_dim=CFG["hidden_size"] // CFG["num_heads"], num_attention_heads=CFG["num_heads"],
+        joint_attention_dim=CFG["context_in_dim"], pooled_projection_dim=CFG["vec_in_dim"],
+        guidance_embeds=True, axes_dims_rope=tuple(cfg["axes_dim"])).eval()
+    theirs.load_state_dict(to_diffusers(sd, CFG["hidden_size"], True), strict=True)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    ref = torch.randn(1, 16, 6, 10, generator=g)
+    ctx = torch.randn(1, 5, CFG["context_in_dim"], generator=g)
+    y = torch.randn(1, CFG["vec_in_dim"], generator=g)
+    t, gd = torch.tensor([0.4]), torch.tensor([2.5])
+
+    def pack(z):
+        b, c, h, w = z.shape
+        return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+    def ids(h, w, index):
+        i = torch.zeros(h, w, 3)
+        i[..., 0] = index
+        i[..., 1] = torch.arange(h)[:, None]
+        i[..., 2] = torch.arange(w)[None, :]
+        return i.reshape(-1, 3)
+
+    with torch.no_grad():
+        ours_out = ours(x, t, ctx, y=y, guidance=gd, ref_latents=[ref])
+        plain = ours(x, t, ctx, y=y, guidance=gd)
+        d = theirs(hidden_states=torch.cat([pack(x), pack(ref)], dim=1), encoder_hidden_states=ctx,
+                   pooled_projections=y, timestep=t, img_ids=torch.cat([ids(4, 4, 0), ids(3, 5, 1)]),
+                   txt_ids=torch.zeros(5, 3), guidance=gd, return_dict=False)[0][:, :16]
+        d = d.view(1, 4, 4, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, 16, 8, 8)
+    assert ours_out.shape == x.shape
+    assert not torch.allclose(ours_out, plain, atol=1e-3)  # the reference really conditions the output
+    torch.testing.assert_close(ours_out, d, rtol=1e-4, atol=1e-4)
