@@ -375,26 +375,40 @@ class PromptExecutor:
         self.success = True
         self.add_message("execution_start", {"prompt_id": prompt_id}, broadcast=False)
 
-        with torch.inference_mode():
-            dynprompt = DynamicPrompt(prompt)
-            is_changed = IsChangedCache(prompt_id, dynprompt, extra_data)
-            self.caches.set_prompt(dynprompt, list(prompt.keys()), is_changed)
-            cached_nodes = [n for n in prompt if self.caches.outputs.get(n) is not None]
-            self.add_message("execution_cached", {"nodes": cached_nodes, "prompt_id": prompt_id},
-                             broadcast=False)
-            registry = progress.reset_progress_state(prompt_id, dynprompt, self._send)
-            run = _PromptRun(self, prompt_id, dynprompt, extra_data, registry)
-            try:
-                for node_id in execute_outputs:
-                    run.execution_list.add_node(node_id)
-                failed = run.loop()
-            finally:
-                self.caches.outputs.prompt_done()
-                self.server.last_node_id = None
-            self.history_result = {"outputs": run.ui_outputs, "meta": run.meta_outputs}
-            if not failed:
-                self.add_message("execution_success", {"prompt_id": prompt_id}, broadcast=False)
-            run.log_timings()
+        run: _PromptRun | None = None
+        self.history_result = {"outputs": {}, "meta": {}}
+        try:
+            with torch.inference_mode():
+                dynprompt = DynamicPrompt(prompt)
+                is_changed = IsChangedCache(prompt_id, dynprompt, extra_data)
+                self.caches.set_prompt(dynprompt, list(prompt.keys()), is_changed)
+                cached_nodes = [n for n in prompt if self.caches.outputs.get(n) is not None]
+                self.add_message("execution_cached", {"nodes": cached_nodes, "prompt_id": prompt_id},
+                                 broadcast=False)
+                registry = progress.reset_progress_state(prompt_id, dynprompt, self._send)
+                run = _PromptRun(self, prompt_id, dynprompt, extra_data, registry)
+                try:
+                    for node_id in execute_outputs:
+                        run.execution_list.add_node(node_id)
+                    failed = run.loop()
+                finally:
+                    self.caches.outputs.prompt_done()
+                    self.server.last_node_id = None
+                    self.history_result = {"outputs": run.ui_outputs, "meta": run.meta_outputs}
+                if not failed:
+                    self.add_message("execution_success", {"prompt_id": prompt_id}, broadcast=False)
+                run.log_timings()
+        except Exception as e:
+            # A malformed (unvalidated) prompt or a bug here must not kill the prompt worker: report it
+            # like a node error and leave the executor ready for the next prompt.
+            logger.exception("Prompt %s could not be executed", prompt_id)
+            self.success = False
+            self.add_message("execution_error", {
+                "prompt_id": prompt_id, "node_id": None, "node_type": None,
+                "executed": sorted(run.executed) if run is not None else [],
+                "exception_message": f"{e}", "exception_type": full_type_name(type(e)),
+                "traceback": traceback.format_tb(e.__traceback__), "current_inputs": {},
+                "current_outputs": []}, broadcast=False)
 
 
 class _PromptRun:

@@ -310,3 +310,20 @@ def test_dependency_cycle_reported(ex):
     err = ex.server.of("execution_error")[0]
     assert err["exception_type"] == "graph.DependencyCycleError" and err["node_id"] in ("1", "2")
     assert not ex.success
+
+
+def test_malformed_prompt_reports_error_and_executor_survives(ex):
+    ex.execute({"1": {"class_type": "Const", "inputs": {"value": 1}}}, "bad", {"client_id": "c1"}, ["9"])
+    assert not ex.success
+    err = ex.server.of("execution_error")[0]
+    assert err["prompt_id"] == "bad" and "9" in err["exception_message"]
+    assert ex.history_result == {"outputs": {}, "meta": {}}
+    run(ex, chain(), prompt_id="p2")
+    assert ex.success and ex.history_result["outputs"]["4"] == {"values": [3]}
+
+
+def test_unknown_class_at_execution_names_the_fix(ex):
+    ex.execute({"1": {"class_type": "Missing", "inputs": {}},
+                "2": {"class_type": "Sink", "inputs": {"value": ["1", 0]}}}, "p", {"client_id": "c1"}, ["2"])
+    err = ex.server.of("execution_error")[0]
+    assert err["node_id"] == "1" and "custom node pack" in err["exception_message"]
