@@ -224,7 +224,7 @@ class PromptServer:
         self.user_manager = UserManager()
         self.web_root = frontend_management.init_frontend(args.front_end_root, args.front_end_version)
         self.log_buffer = app_logs.setup_log_buffer()
-        self.log_buffer.on_flush(self._forward_logs)
+        self.log_buffer.on_flush(self._forward_logs, key="prompt_server")
 
         middlewares = [_cache_middleware]
         if args.enable_cors_header:

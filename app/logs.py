@@ -20,7 +20,8 @@ class LogBuffer(logging.Handler):
     def __init__(self, capacity: int = MAX_ENTRIES):
         super().__init__(level=logging.DEBUG)
         self.entries: deque[dict] = deque(maxlen=capacity)
-        self.listeners: list[Callable[[list[dict]], None]] = []
+        # key -> listener; a new server replaces the previous one's listener under the same key.
+        self.listeners: dict[str, Callable[[list[dict]], None]] = {}
         self._lock_entries = threading.Lock()
         self.setFormatter(logging.Formatter("%(message)s"))
 
@@ -33,7 +34,7 @@ class LogBuffer(logging.Handler):
         entry = {"t": datetime.fromtimestamp(record.created).isoformat(), "m": text + "\n"}
         with self._lock_entries:
             self.entries.append(entry)
-            listeners = list(self.listeners)
+            listeners = list(self.listeners.values())
         for listener in listeners:
             try:
                 listener([entry])
@@ -44,10 +45,9 @@ class LogBuffer(logging.Handler):
         with self._lock_entries:
             return list(self.entries)
 
-    def on_flush(self, listener: Callable[[list[dict]], None]) -> None:
+    def on_flush(self, listener: Callable[[list[dict]], None], key: str | None = None) -> None:
         with self._lock_entries:
-            if listener not in self.listeners:
-                self.listeners.append(listener)
+            self.listeners[key or repr(listener)] = listener
 
 
 _buffer: LogBuffer | None = None

@@ -107,6 +107,8 @@ def server_args(monkeypatch):
     monkeypatch.setattr(args, "front_end_root", None)
     monkeypatch.setattr(args, "multi_user", False)
     monkeypatch.setattr(args, "preview_size", 512)
+    monkeypatch.setattr(args, "tls_keyfile", None)
+    monkeypatch.setattr(args, "tls_certfile", None)
     return args
 
 
