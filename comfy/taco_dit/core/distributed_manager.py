@@ -219,12 +219,14 @@ def init_distributed(cpu: bool = False, follower_timeout: float = 60.0, collecti
         torch.cuda.set_device(device)
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
                                        timeout=timedelta(seconds=collective_timeout)))
-    dist.init_process_group(backend, store=dist.PrefixStore("pg/", store), rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=collective_timeout))
+    prefix = _store_key_prefix()
+    # torchrun's agent store outlives a restarted group: without the per-attempt prefix the new group's
+    # gloo/NCCL bootstrap would read the dead group's addresses.
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix + "pg/", store), rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=collective_timeout))
     # A separate gloo group even on CPU: control traffic must never queue behind (or share a timeout
     # with) the compute collectives, and on GPUs it must not touch NCCL at all.
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=collective_timeout))
-    prefix = _store_key_prefix()
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     manager = DistributedManager(rank, world_size, local_rank, device, backend, control,
                                  dist.PrefixStore(prefix, store), follower_timeout, collective_timeout,

@@ -618,6 +618,10 @@ def run(args, start_server, cache_settings=None) -> None:
 
     def on_sigterm(signum, frame):
         # torchrun stops every worker when one fails; record the running prompt before going.
+        if leader.running is None:
+            log.info("Rank 0 stopping (SIGTERM)")
+            logging.shutdown()
+            os._exit(0)
         threading.Thread(target=leader.abort, args=("the multi-rank group is stopping (SIGTERM)",),
                          daemon=True).start()
 
