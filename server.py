@@ -185,9 +185,13 @@ def _fit(image: Image.Image, max_size: int | None) -> Image.Image:
 
 
 def encode_preview(image_data: tuple) -> tuple[int, str, bytes]:
-    """(format number 1=JPEG/2=PNG, mime type, bytes) for a ("JPEG"|"PNG", PIL.Image, max_size) tuple."""
+    """(format number 1=JPEG/2=PNG, mime type, bytes) for a ("JPEG"|"PNG", PIL.Image, max_size) tuple.
+
+    max_size None sends the image at full size (ComfyUI's meaning: SaveImageWebsocket relies on it);
+    sampler previews pass --preview-size.
+    """
     fmt, image, max_size = image_data
-    image = _fit(image, max_size if max_size is not None else args.preview_size)
+    image = _fit(image, max_size)
     buf = io.BytesIO()
     if str(fmt).upper() == "PNG":
         image.save(buf, format="PNG", compress_level=1)

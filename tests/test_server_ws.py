@@ -28,6 +28,12 @@ CLIENT_FLAGS = {"supports_preview_metadata": True, "supports_manager_v4_ui": Tru
                 "supports_progress_text_metadata": True}
 
 
+def _jpeg(img, quality):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 async def connect(client, client_id=None, flags=None):
     ws = await client.ws_connect("/ws" + (f"?clientId={client_id}" if client_id else ""))
     status = await ws.receive_json(timeout=5)
@@ -100,12 +106,19 @@ async def test_binary_preview_and_text_frames(srv, server_args):
     meta, _ = await connect(client, "meta", flags=CLIENT_FLAGS)
     big = Image.new("RGB", (2048, 1024), (0, 128, 255))
 
-    server.send_sync(server_module.BinaryEventTypes.UNENCODED_PREVIEW_IMAGE, ("JPEG", big, None), "plain")
+    noisy = Image.effect_noise((2048, 1024), 64).convert("RGB")  # detail, so JPEG quality shows in size
+    server.send_sync(server_module.BinaryEventTypes.UNENCODED_PREVIEW_IMAGE,
+                     ("JPEG", noisy, server_args.preview_size), "plain")
     frame = await plain.receive_bytes(timeout=10)
     event, fmt = struct.unpack(">II", frame[:8])
     assert (event, fmt) == (1, 1)
     img = Image.open(io.BytesIO(frame[8:]))
     assert img.format == "JPEG" and img.size == (512, 256)  # fitted to --preview-size 512
+    # JPEG quality 95: re-encoding the decoded frame at q95 gives back about the same size (q75 is ~half).
+    assert abs(len(frame[8:]) - len(_jpeg(img, 95))) < 0.1 * len(frame[8:])
+    server.send_sync(server_module.BinaryEventTypes.UNENCODED_PREVIEW_IMAGE, ("JPEG", big, None), "plain")
+    frame = await plain.receive_bytes(timeout=10)
+    assert Image.open(io.BytesIO(frame[8:])).size == (2048, 1024)  # None: full size
 
     server.send_sync(server_module.BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA,
                      (("PNG", big, 64), {"node_id": "5", "prompt_id": "p1", "display_node_id": "5",
@@ -236,3 +249,62 @@ async def test_end_to_end_cancel_running_job(srv, worker):
         SrvPreviewSteps.GATE = None
         gate.set()
     await ws.close()
+
+
+class SrvSolidImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"width": ("INT", {"default": 8, "min": 1, "max": 64})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, width):
+        import torch
+
+        image = torch.zeros(2, 4, width, 3)
+        image[..., 1] = 1.0  # green
+        return (image,)
+
+
+async def test_websocket_image_save_example_node(srv, worker):
+    import os
+
+    import nodes
+
+    server, client = srv
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "custom_nodes",
+                        "websocket_image_save.py")
+    saved_mapping = nodes.NODE_CLASS_MAPPINGS.get("SaveImageWebsocket")
+    assert nodes.load_custom_node(path)
+    nodes.NODE_CLASS_MAPPINGS["SrvSolidImage"] = SrvSolidImage
+    try:
+        ws, _ = await connect(client, "api-client", flags={})
+        prompt = {"1": {"class_type": "SrvSolidImage", "inputs": {"width": 6}},
+                  "2": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}}}
+        r = await client.post("/api/prompt", json={"prompt": prompt, "client_id": "api-client"})
+        assert r.status == 200, await r.text()
+        frames = []
+
+        async def read():
+            while True:
+                msg = await ws.receive(timeout=30)
+                if msg.type.name == "BINARY":
+                    frames.append(msg.data)
+                elif json.loads(msg.data)["type"] == "execution_success":
+                    return
+
+        await asyncio.wait_for(read(), 60)
+        assert len(frames) == 2
+        for frame in frames:
+            assert struct.unpack(">II", frame[:8]) == (1, 2)  # preview frame, PNG
+            img = Image.open(io.BytesIO(frame[8:]))
+            assert img.size == (6, 4) and img.getpixel((0, 0))[:3] == (0, 255, 0)
+        await ws.close()
+    finally:
+        nodes.NODE_CLASS_MAPPINGS.pop("SrvSolidImage", None)
+        if saved_mapping is None:
+            nodes.NODE_CLASS_MAPPINGS.pop("SaveImageWebsocket", None)
+        else:
+            nodes.NODE_CLASS_MAPPINGS["SaveImageWebsocket"] = saved_mapping
