@@ -19,6 +19,17 @@ import torch
 import torch.nn.functional as F
 
 OVERRIDE_KEY = "optimized_attention_override"
+# Cross-attention (queries from image/video tokens, keys from text) must say so: an override that splits
+# the token sequence across ranks (sequence parallel) has to leave such calls local, because every rank
+# holds all text keys. Models pass `cross_attention_options(transformer_options)` for those calls.
+CROSS_ATTENTION_KEY = "attention_is_cross"
+
+
+def cross_attention_options(transformer_options: dict | None) -> dict:
+    """transformer_options for a cross-attention call (see CROSS_ATTENTION_KEY)."""
+    opts = dict(transformer_options or {})
+    opts[CROSS_ATTENTION_KEY] = True
+    return opts
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
