@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comfy.ldm.modules.attention import OVERRIDE_KEY
+from comfy.ldm.modules.attention import CROSS_ATTENTION_KEY, OVERRIDE_KEY
 from comfy.taco_dit.parallel.mesh import GroupHandle, ParallelMesh
 from comfy.taco_dit.parallel.sp_attention import usp_attention
 
@@ -65,6 +65,10 @@ def make_attention_override(mesh: ParallelMesh, kv_keep: torch.Tensor | None):
 
     def override(default_fn, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
                  transformer_options=None, **kwargs):
+        if transformer_options and transformer_options.get(CROSS_ATTENTION_KEY):
+            # keys are the text, whole on every rank: local attention is already exact
+            return default_fn(q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
+                              skip_output_reshape=skip_output_reshape)
         if mask is not None:
             raise NotImplementedError("Sequence parallel attention with an attention mask is not supported; "
                                       "disable sequence parallel for this model (TACO-DiT Parallel Config)")
