@@ -644,6 +644,12 @@ class PromptServer:
             results = [self.cancel_job(str(i)) for i in ids]
             return web.json_response({"cancelled": any(results)})
 
+        @routes.route("*", "/api/assets{tail:.*}")
+        async def assets_disabled(request):
+            # Only under /api: bare /assets/ is the frontend's own bundle folder.
+            return web.json_response({"error": "The asset database API is not available on this server "
+                                               "(feature flag 'assets' is false)."}, status=503)
+
         return routes
 
     def cancel_job(self, job_id: str) -> bool:

@@ -313,3 +313,19 @@ async def test_origin_check_and_cors(srv, server_args, base_dir, aiohttp_client)
     assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
     r = await cors_client.options("/api/prompt")
     assert r.status == 200 and "POST" in r.headers["Access-Control-Allow-Methods"]
+
+
+async def test_embedded_docs_served(srv):
+    pytest.importorskip("comfyui_embedded_docs", reason="comfyui-embedded-docs (requirements.txt) not installed")
+    _, client = srv
+    r = await client.get("/docs/KSampler/en.md")
+    assert r.status == 200 and "KSampler" in await r.text()
+    assert (await client.get("/docs/NoSuchNode/en.md")).status == 404
+
+
+async def test_asset_api_disabled_but_bundle_assets_served(srv):
+    server, client = srv
+    r = await client.get("/api/assets?limit=10")
+    assert r.status == 503 and "assets" in (await r.json())["error"]
+    bundle = sorted(f for f in os.listdir(os.path.join(server.web_root, "assets")) if f.endswith(".js"))[0]
+    assert (await client.get(f"/assets/{bundle}")).status == 200
