@@ -199,8 +199,13 @@ def launch(base: str, port: int, nproc: int, extra_torchrun: list[str] | None = 
     env = dict(os.environ, OMP_NUM_THREADS="1", TACO_TEST_MARKERS=os.path.join(base, "markers"),
                PYTHONUNBUFFERED="1", **(env_extra or {}))
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--monitor-interval=0.5"] + (extra_torchrun if extra_torchrun is not None else ["--standalone"])
+    if nproc == 0:  # plain `python main.py`: the one-process path
+        torchrun = [sys.executable]
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+    else:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                    "--monitor-interval=0.5"] + (extra_torchrun if extra_torchrun is not None else ["--standalone"])
     cmd = torchrun + [os.path.join(ROOT, "main.py"), "--cpu", "--port", str(port), "--base-directory", base,
                       "--taco-follower-timeout", "3", "--dont-print-server"] + (extra_main or [])
     log = open(os.path.join(base, log_name), "ab")
