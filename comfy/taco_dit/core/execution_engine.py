@@ -55,6 +55,11 @@ class RemoteRankError(Exception):
         self._taco_agreed = True
 
 
+def is_leader() -> bool:
+    """True on the rank that owns side effects (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _interrupt_exception():
     import comfy.model_management as mm
 
