@@ -31,10 +31,29 @@ def cast_bias_weight(layer: torch.nn.Module, x: torch.Tensor):
     return w, b
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear whose result for one row never depends on how many rows come with it (CPU).
+
+    On the CPU a [1, C] input takes a matrix-vector kernel and a [2, C] input a matrix-matrix kernel,
+    which sum in another order: the conditioning-vector layers (time/guidance embedders, adaLN
+    modulation) would then give cond and uncond results that differ in the last bits depending on
+    whether they were batched together (one process) or run on separate ranks (CFG / data parallel).
+    Running such small 2-D inputs row by row makes N ranks bit-identical to one. Token inputs (3-D) are
+    already batch-invariant. GPUs keep the batched kernel: bf16 results there are compared with a
+    tolerance anyway, and the extra weight reads would cost time.
+    """
+    if x.ndim == 2 and 1 < x.shape[0] <= 64 and x.device.type == "cpu":
+        return torch.cat([F.linear(x[i:i + 1], w, b) for i in range(x.shape[0])])
+    return F.linear(x, w, b)
+
+
 class disable_weight_init:
     class Linear(torch.nn.Linear):
         def reset_parameters(self):
             return None
+
+        def forward(self, x):
+            return linear(x, self.weight, self.bias)
 
     class Conv2d(torch.nn.Conv2d):
         def reset_parameters(self):
@@ -61,7 +80,7 @@ class manual_cast(disable_weight_init):
     class Linear(disable_weight_init.Linear):
         def forward(self, x):
             w, b = cast_bias_weight(self, x)
-            return F.linear(x, w, b)
+            return linear(x, w, b)
 
     class Conv2d(disable_weight_init.Conv2d):
         def forward(self, x):
