@@ -143,6 +143,37 @@ def get_free_memory(device: torch.device | None = None) -> int:
     return psutil.virtual_memory().available
 
 
+def ranks_sharing_device(device: torch.device | None = None) -> int:
+    """How many processes of this torchrun job on this node use the same device as this rank.
+
+    Every rank holds its own copy of the models, so memory decisions divide what the device (or, on
+    the CPU, the node's RAM) has by this number. 1 outside torchrun.
+    """
+    device = device or get_torch_device()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type != "cuda":
+        return max(local_world, 1)
+    n = max(torch.cuda.device_count(), 1)
+    # LOCAL_RANK r uses device r % n (get_torch_device), so these local ranks share this one.
+    return max(len(range(local_rank() % n, local_world, n)), 1)
+
+
+_warned_shared_device = False
+
+
+def rank_memory_budget(device: torch.device | None = None) -> int:
+    """Bytes this rank may plan to use on `device`: its share of the free memory, less --reserve-vram."""
+    global _warned_shared_device
+    device = device or get_torch_device()
+    sharing = ranks_sharing_device(device)
+    if sharing > 1 and device.type == "cuda" and not _warned_shared_device:
+        _warned_shared_device = True
+        logging.warning("%d ranks share %s: each holds its own copy of the models. Start torchrun with "
+                        "--nproc_per_node equal to the number of GPUs for full memory per rank.", sharing, device)
+    reserve = int((args.reserve_vram or 0) * 1024 ** 3) if device.type == "cuda" else 0
+    return max(get_free_memory(device) // sharing - reserve, 0)
+
+
 def get_torch_device_name(device: torch.device | None = None) -> str:
     device = device or get_torch_device()
     if device.type == "cuda":
