@@ -142,3 +142,58 @@ def _idle_death(dm):
 
 def test_heartbeat_detects_idle_follower_death():
     assert spawn(2, _idle_death, timeout=1.5, allow_exit=(1,))[0] == [1]
+
+
+def _stuck_in_collective(dm):
+    from comfy.taco_dit.core.execution_engine import FailureWatch, Lockstep, install_step_agreement
+
+    lockstep = Lockstep(dm)
+    install_step_agreement(lockstep)
+    ex = MiniExecutor(lockstep)
+    stuck: list = []
+    running = {"id": None}
+    if dm.rank == 0:
+        FailureWatch(dm, 1.0, lambda: running["id"], lambda reason: stuck.append((time.monotonic(), reason)),
+                     interval=0.1).start()
+
+    def node(node_id):
+        if dm.rank == 1:
+            raise RuntimeError("CUDA error on rank 1")
+        time.sleep(5)  # rank 0 stands in for a rank waiting in a compute collective that never completes
+
+    running["id"] = "p"
+    started = time.monotonic()
+    lockstep.begin("p")
+    ex.execute("p", [("7", node)])
+    lockstep.finish(ex.success, None)
+    running["id"] = None
+    return {"stuck_after": [t - started for t, _ in stuck], "reasons": [r for _, r in stuck],
+            "events": ex.events}
+
+
+def test_failure_watch_sees_a_rank_stuck_outside_the_rounds():
+    r0, r1 = spawn(2, _stuck_in_collective)
+    assert len(r0["reasons"]) == 1, r0
+    assert "rank 1 failed in node 7 (RuntimeError: CUDA error on rank 1)" in r0["reasons"][0]
+    # Declared stuck while rank 0 was still inside its 5-second node, not after it came out.
+    assert r0["stuck_after"][0] < 5, r0
+    # Once rank 0 reaches the final round the prompt still ends cleanly on both ranks.
+    assert r0["events"] == [("done", "7")] and r1["events"][-1][:2] == ("error", "7")
+
+
+def _leader_dies(dm):
+    from comfy.taco_dit.core.distributed_manager import RankLostError
+
+    if dm.rank == 0:
+        time.sleep(0.5)
+        os._exit(9)
+    try:
+        dm.receive(1)
+    except RankLostError as e:
+        return str(e)
+    return "received work from a dead rank 0?"
+
+
+def test_follower_stops_when_rank0_dies():
+    msg = spawn(2, _leader_dies, timeout=1.5, allow_exit=(0,))[1]
+    assert "rank 0 is gone" in msg or "Rank 0 has sent no heartbeat" in msg, msg

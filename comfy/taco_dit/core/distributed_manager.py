@@ -104,14 +104,50 @@ class DistributedManager:
         """Follower: wait (as long as it takes, while rank 0 is alive) for work item `seq`."""
         key = f"work/{seq}"
         while True:
-            if self.store.check([key]):
-                return pickle.loads(self.store.get(key))
+            try:
+                if self.store.check([key]):
+                    return pickle.loads(self.store.get(key))
+            except RuntimeError as e:  # DistStoreError: the store's host (rank 0 or the agent) is gone
+                raise RankLostError(f"The job's store is unreachable ({e}); rank 0 is gone, so this follower "
+                                    "stops too") from e
             if self.heartbeat is not None and 0 in self.heartbeat.dead_ranks():
                 raise RankLostError(f"Rank 0 has sent no heartbeat for {self.follower_timeout:.0f} s; "
                                     "it is gone, so this follower stops too")
             if stop is not None and stop():
                 return None
             time.sleep(poll)
+
+    # -- failure notices (outside the collectives) -------------------------------------------------------
+
+    def post_failure(self, tag: str, info: dict) -> None:
+        """Announce through the store that this rank failed in `tag` (a prompt id). A rank stuck inside a
+        compute collective never reaches the next agreement round; the notice lets rank 0 notice that."""
+        if self.store is None:
+            return
+        try:
+            self.store.set(f"failure/{tag}/{self.rank}", pickle.dumps(info))
+        except RuntimeError:  # a notice is best effort; the agreement round still follows
+            log.debug("could not post failure notice", exc_info=True)
+
+    def failures(self, tag: str) -> dict[int, dict]:
+        """Failure notices posted for `tag`, by rank."""
+        if self.store is None:
+            return {}
+        out = {}
+        for r in range(self.world_size):
+            key = f"failure/{tag}/{r}"
+            if self.store.check([key]):
+                out[r] = pickle.loads(self.store.get(key))
+        return out
+
+    def clear_failures(self, tag: str) -> None:
+        if self.store is None:
+            return
+        for r in range(self.world_size):
+            try:
+                self.store.delete_key(f"failure/{tag}/{r}")
+            except RuntimeError:
+                log.debug("could not delete failure notice", exc_info=True)
 
     # -- lifetime -----------------------------------------------------------------------------------------
 

@@ -120,6 +120,9 @@ class Lockstep:
         import comfy.model_management as mm
 
         code = INTERRUPT if isinstance(exc, mm.InterruptProcessingException) else ERROR
+        if code == ERROR:
+            self.dm.post_failure(prompt_id, {"rank": self.dm.rank, "node_id": node_id,
+                                             "type": type(exc).__name__, "message": str(exc)})
         # The executor is already handling this rank's own exception: only the round matters here.
         self._round(code, node_id, exc, "failed")
 
@@ -457,6 +460,56 @@ def _last_error_message(executor) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class FailureWatch:
+    """Rank 0's watchdog for a rank that failed while the others are stuck outside any agreement round.
+
+    Agreement rounds only happen between nodes and at steps; inside a parallel forward the ranks meet in
+    compute collectives (NCCL), where a rank that raised never arrives and the others would wait for
+    the collective timeout. A failed rank posts a notice in the store first; if the prompt is still
+    unresolved `timeout` seconds after the notice, the group is declared stuck (`on_stuck(reason)`).
+    """
+
+    def __init__(self, dm: DistributedManager, timeout: float, running, on_stuck, interval: float = 0.5):
+        self.dm = dm
+        self.timeout = timeout
+        self.running = running  # () -> prompt id being executed, or None
+        self.on_stuck = on_stuck
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="taco-failure-watch", daemon=True)
+
+    def start(self) -> FailureWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        first_seen: tuple[str, float] | None = None
+        reported: str | None = None
+        while not self._stop.wait(self.interval):
+            prompt_id = self.running()
+            if prompt_id is None or prompt_id == reported:
+                first_seen = None
+                continue
+            try:
+                notices = self.dm.failures(prompt_id)
+            except RuntimeError:  # the store is gone: the heartbeat reports that case
+                continue
+            if not notices:
+                continue
+            if first_seen is None or first_seen[0] != prompt_id:
+                first_seen = (prompt_id, time.monotonic())
+                continue
+            if time.monotonic() - first_seen[1] > self.timeout:
+                rank, info = sorted(notices.items())[0]
+                self.on_stuck(f"rank {rank} failed in node {info.get('node_id')} ({info.get('type')}: "
+                              f"{info.get('message')}) and the other ranks did not reach an agreement point "
+                              f"within {self.timeout:g} s (stuck in a collective?)")
+                reported, first_seen = prompt_id, None
+
+
 class Leader:
     """Rank 0's prompt worker and its recovery path."""
 
@@ -471,6 +524,10 @@ class Leader:
         self.running: tuple | None = None  # (item_id, prompt_id, client_id)
         self._abort_lock = threading.Lock()
         self._aborting = False
+
+    def running_prompt_id(self) -> str | None:
+        running = self.running
+        return running[1] if running is not None else None
 
     def _publish(self, work: dict) -> int:
         self.seq += 1
@@ -522,6 +579,7 @@ class Leader:
             self.running = None
             for seq in range(first_seq, self.seq + 1):
                 self.dm.retire(seq)
+            self.dm.clear_failures(prompt_id)
             if server.client_id is not None:
                 server.send_sync("executing", {"node": None, "prompt_id": prompt_id}, server.client_id)
             log.info("Prompt executed in %.2f seconds", time.perf_counter() - started)
@@ -620,6 +678,7 @@ def run(args, start_server, cache_settings=None) -> None:
         logging.shutdown()
         os._exit(code)  # a follower never lingers on half-torn-down groups
     leader.dm, leader.lockstep = dm, lockstep
+    FailureWatch(dm, args.taco_follower_timeout, leader.running_prompt_id, leader.abort).start()
 
     def on_sigterm(signum, frame):
         # torchrun stops every worker when one fails; record the running prompt before going.
