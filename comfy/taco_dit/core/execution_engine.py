@@ -55,6 +55,25 @@ class RemoteRankError(Exception):
         self._taco_agreed = True
 
 
+@dataclass
+class Runtime:
+    """What a multi-rank process was started with; `current_runtime()` hands it to parallel code."""
+
+    dm: DistributedManager
+    config: object  # config_manager.ParallelConfig
+    lockstep: Lockstep
+
+
+# The one piece of process state of our own: set once by run(), read by parallel strategies and nodes
+# that cannot be handed it through ComfyUI's node interface.
+_RUNTIME: Runtime | None = None
+
+
+def current_runtime() -> Runtime | None:
+    """The multi-rank runtime of this process, or None in a single process."""
+    return _RUNTIME
+
+
 def is_leader() -> bool:
     """True on the rank that owns side effects (rank 0, or the only process)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -670,6 +689,8 @@ def run(args, start_server, cache_settings=None) -> None:
                           on_dead=on_dead)
     lockstep = Lockstep(dm)
     install_step_agreement(lockstep)
+    global _RUNTIME
+    _RUNTIME = Runtime(dm, config, lockstep)
     if dm.rank != 0:
         cache = cache_settings(args) if cache_settings is not None else ("classic", {})
         code = follower_loop(args, dm, lockstep, cache=cache)
