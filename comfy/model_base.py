@@ -177,3 +177,20 @@ class Flux(BaseModel):
         if refs:
             out["ref_latents"] = [self.process_latent_in(r) for r in refs]
         return out
+
+
+class SD3(BaseModel):
+    """SD3 / SD3.5: the MMDiT takes the text tokens (c_crossattn) and the pooled CLIP-L+G vector (y)."""
+
+    def __init__(self, model_config, model_type: ModelType = ModelType.FLOW, device=None):
+        from comfy.ldm.mmdit.model import MMDiT
+
+        super().__init__(model_config, model_type, device=device, unet_model=MMDiT)
+
+    def extra_conds(self, **kwargs) -> dict:
+        out = super().extra_conds(**kwargs)
+        pooled = kwargs.get("pooled_output")
+        if pooled is not None:
+            device = kwargs.get("device")
+            out["y"] = pooled.to(device) if device is not None else pooled
+        return out

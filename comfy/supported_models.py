@@ -84,7 +84,35 @@ class FluxSchnell(Flux):
         return comfy.model_base.ModelType.FLOW
 
 
-models: list[type[BASE]] = [Flux, FluxSchnell]
+class SD3(BASE):
+    """SD3 / SD3.5 (large, medium, turbo): MMDiT, rectified flow with shift 3, CLIP-L + CLIP-G + T5-XXL."""
+
+    unet_config = {"image_model": "mmdit"}
+    sampling_settings = {"shift": 3.0}
+    latent_format = comfy.latent_formats.SD3
+    memory_usage_factor = 1.6
+    supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    text_encoder_key_prefix = ["text_encoders."]
+    vae_key_prefix = ["first_stage_model.", "vae."]
+    text_encoders = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+                     "t5xxl": "text_encoders.t5xxl.transformer."}
+    clip_type = "sd3"
+
+    def model_type(self, state_dict=None, prefix=""):
+        return comfy.model_base.ModelType.FLOW
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return comfy.model_base.SD3(self, model_type=self.model_type(state_dict, prefix), device=device)
+
+    def process_unet_state_dict(self, state_dict: dict) -> dict:
+        if self.unet_config.get("layout") == "diffusers":
+            from comfy.ldm.mmdit.detect import diffusers_to_checkpoint
+
+            return diffusers_to_checkpoint(state_dict)
+        return state_dict
+
+
+models: list[type[BASE]] = [Flux, FluxSchnell, SD3]
 
 
 def model_config_for(unet_config: dict, state_dict: dict | None = None, prefix: str = "") -> BASE | None:
