@@ -1,7 +1,8 @@
 """The VAE object that VAELoader / checkpoints hand to VAEDecode and VAEEncode.
 
 Owns `VAE(sd)`: family detection from keys and shapes (KL autoencoder: 4-channel SD, 16-channel
-Flux/SD3), `decode(latent) -> IMAGE [B,H,W,C] 0..1 on the CPU`, `encode(IMAGE) -> latent`, tiled decode
+Flux/SD3; Wan 2.1 video VAE, comfy/ldm/wan/vae.py), `decode(latent) -> IMAGE [B,H,W,C] 0..1 on the CPU`
+(video: [B,T,H,W,C]), `encode(IMAGE) -> latent`, tiled decode
 for large images, and the errors for files that are not a supported VAE. Latents here are the VAE's
 raw space: the model's latent format applies scale/shift (Flux 0.3611/0.1159, SD3 1.5305/0.0609).
 """
@@ -28,16 +29,20 @@ def _strip_prefix(sd: dict) -> dict:
 
 
 def detect_vae_family(sd: dict, name: str = "<state dict>") -> str:
-    """'kl_sd' (4 latent channels), 'kl_16' (Flux / SD3), or 'kl' (other KL sizes); ValueError otherwise."""
+    """'kl_sd' (4 latent channels), 'kl_16' (Flux / SD3), 'kl' (other KL sizes) or 'wan21' (Wan 2.1 video
+    VAE); ValueError otherwise."""
+    from comfy.ldm.wan.vae import is_wan_vae, wan_vae_config_from_state_dict
+
+    if is_wan_vae(sd):
+        wan_vae_config_from_state_dict(sd, name)  # raises for Wan 2.2 / incomplete files, naming the fix
+        return "wan21"
     if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd and "encoder.mid.attn_1.q.weight" in sd:
         z = sd["decoder.conv_in.weight"].shape[1]
         if sd["decoder.conv_in.weight"].ndim != 4:
             raise ValueError(f"'{name}' is a video VAE with 3-D convolutions, which is not supported yet")
         return {4: "kl_sd", 16: "kl_16"}.get(z, "kl")
     hint = ""
-    if "decoder.middle.0.residual.0.gamma" in sd or "encoder.downsamples.0.residual.0.gamma" in sd:
-        hint = " It is a Wan 2.1 video VAE, which is not supported yet."
-    elif any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         hint = (" It is in the diffusers layout; use the single-file (ComfyUI/LDM layout) VAE, e.g. "
                 "ae.safetensors for Flux.")
     elif any(k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.")) for k in sd):
@@ -56,10 +61,13 @@ class VAE:
             raise ValueError("VAE needs a state dict (load the file with comfy.utils.load_torch_file)")
         sd = conform_attention_weights(_strip_prefix(sd))
         self.family = detect_vae_family(sd, name)
-        config = kl_config_from_state_dict(sd)
         self.device = device or mm.vae_device()
         self.vae_dtype = dtype or mm.vae_dtype(self.device)
         self.output_device = mm.intermediate_device()
+        if self.family == "wan21":
+            self._init_wan(sd, name)
+            return
+        config = kl_config_from_state_dict(sd)
         with torch.device("meta"):  # no random init: every weight comes from the file
             model = AutoencoderKL(**config)
         expected = set(model.state_dict())
@@ -75,6 +83,23 @@ class VAE:
         self.latent_channels = config["z_channels"]
         self.downscale_ratio = self.upscale_ratio = 2 ** (len(config["ch_mult"]) - 1)
         self.latent_dim = 2
+        self.patcher = self._make_patcher()
+
+    def _init_wan(self, sd: dict, name: str) -> None:
+        from comfy.ldm.wan.vae import WanVAE, check_wan_vae_keys, wan_vae_config_from_state_dict
+
+        config = wan_vae_config_from_state_dict(sd, name)
+        with torch.device("meta"):  # no random init: every weight comes from the file
+            model = WanVAE(**config)
+        extra = check_wan_vae_keys(model, sd, name)
+        if extra:
+            logger.debug("VAE '%s': ignoring %d extra keys (e.g. %s)", name, len(extra), extra[:3])
+        model.load_state_dict({k: sd[k].to(self.vae_dtype) for k in model.state_dict()}, assign=True)
+        self.first_stage_model = model.to(self.device).eval()
+        self.latent_channels = config["z_dim"]
+        self.downscale_ratio = self.upscale_ratio = model.spatial_compression
+        self.temporal_compression = model.temporal_compression
+        self.latent_dim = 3
         self.patcher = self._make_patcher()
 
     def _make_patcher(self):
@@ -93,7 +118,10 @@ class VAE:
         return self.downscale_ratio
 
     def temporal_compression_decode(self) -> int | None:
-        return None
+        return getattr(self, "temporal_compression", None)
+
+    def temporal_compression_encode(self) -> int | None:
+        return getattr(self, "temporal_compression", None)
 
     def get_sd(self) -> dict:
         return self.first_stage_model.state_dict()
@@ -104,7 +132,10 @@ class VAE:
 
     @torch.no_grad()
     def decode(self, samples: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-        """Latent [B,C,h,w] (raw VAE space) -> IMAGE [B, h*r, w*r, 3] float32 in 0..1 on the CPU."""
+        """Latent [B,C,h,w] (raw VAE space) -> IMAGE [B, h*r, w*r, 3] float32 in 0..1 on the CPU.
+        Video VAEs: [B,C,t,h,w] -> [B, 1+4(t-1), h*r, w*r, 3] (VAEDecode folds frames into the batch)."""
+        if self.latent_dim == 3:
+            return self._decode_video(samples)
         if samples.ndim != 4 or samples.shape[1] != self.latent_channels:
             raise ValueError(f"this VAE decodes {self.latent_channels}-channel latents [B,C,H,W]; got "
                              f"{tuple(samples.shape)}: the latent comes from a model of another family")
@@ -128,9 +159,13 @@ class VAE:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-        """IMAGE [B,H,W,C] in 0..1 -> latent [B, C, H/r, W/r] (the distribution's mean) on the CPU."""
+        """IMAGE [B,H,W,C] in 0..1 -> latent [B, C, H/r, W/r] (the distribution's mean) on the CPU.
+        Video VAEs: the IMAGE batch is the frames of one video ([T,H,W,C], or [B,T,H,W,C] for several)
+        -> [B, C, 1+(T-1)//4, H/r, W/r]; frames past the last 1+4k are dropped."""
         if pixels.ndim == 3:
             pixels = pixels[None]
+        if self.latent_dim == 3:
+            return self._encode_video(pixels)
         pixels = self._crop(pixels[..., :3])  # alpha is dropped
         self._ensure_loaded()
         out = []
@@ -138,6 +173,46 @@ class VAE:
             mm.throw_exception_if_processing_interrupted()
             x = pixels[i:i + batch_size].movedim(-1, 1).to(self.device, self.vae_dtype) * 2.0 - 1.0
             out.append(self.first_stage_model.encode(x).float().to(self.output_device))
+        return torch.cat(out)
+
+    # -- video VAEs (Wan 2.1): latents [B,C,t,h,w], videos one at a time (memory), frames in temporal chunks --
+    def _video_progress(self, total: int):
+        import comfy.utils
+
+        pbar = comfy.utils.ProgressBar(total)
+
+        def step(_done: int, _n: int) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update(1)
+        return step
+
+    def _decode_video(self, samples: torch.Tensor) -> torch.Tensor:
+        if samples.ndim != 5 or samples.shape[1] != self.latent_channels:
+            raise ValueError(f"this video VAE decodes {self.latent_channels}-channel latents [B,C,T,H,W]; got "
+                             f"{tuple(samples.shape)}: the latent comes from a model of another family")
+        self._ensure_loaded()
+        step = self._video_progress(samples.shape[0] * samples.shape[2])
+        out = []
+        for i in range(samples.shape[0]):
+            video = self.first_stage_model.decode(samples[i:i + 1].to(self.device, self.vae_dtype), callback=step)
+            # 0..1 and channels-last on the device, so only the final frames cross to the CPU
+            out.append(video.float().add_(1.0).mul_(0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 4, 1)
+                       .to(self.output_device))
+        return torch.cat(out)
+
+    def _encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim == 4:
+            pixels = pixels[None]  # the IMAGE batch is the frames of one video
+        b, t, h, w, c = pixels.shape
+        pixels = self._crop(pixels[..., :3].reshape(b * t, h, w, min(c, 3)))
+        pixels = pixels.reshape(b, t, *pixels.shape[1:])
+        self._ensure_loaded()
+        r = self.temporal_compression
+        step = self._video_progress(b * (1 + (t - 1) // r))
+        out = []
+        for i in range(b):
+            x = pixels[i].to(self.device, self.vae_dtype).permute(3, 0, 1, 2)[None].contiguous() * 2.0 - 1.0
+            out.append(self.first_stage_model.encode(x, callback=step).float().to(self.output_device))
         return torch.cat(out)
 
     @torch.no_grad()
