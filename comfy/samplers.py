@@ -529,9 +529,17 @@ class CFGGuider:
 
     def outer_sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
                      disable_pbar=False, seed=None):
-        comfy.model_management.load_models_gpu([self.model_patcher])
-        self.inner_model = self.model_patcher.model
-        device = self.model_patcher.load_device
+        from comfy.taco_dit.core.model_wrapper import prepare_for_sampling
+
+        # Under several ranks this is a clone carrying the parallel plan (CFG / sequence / data parallel);
+        # with one rank it is the same patcher.
+        patcher = prepare_for_sampling(self.model_patcher, self.cfg, noise.shape,
+                                       has_negative=bool(self.original_conds.get("negative")))
+        saved_options = self.model_options
+        self.model_options = patcher.model_options
+        comfy.model_management.load_models_gpu([patcher])
+        self.inner_model = patcher.model
+        device = patcher.load_device
         if denoise_mask is not None:
             denoise_mask = prepare_mask(denoise_mask, noise.shape, device)
         noise = noise.to(device)
@@ -542,6 +550,7 @@ class CFGGuider:
                                      disable_pbar, seed)
         finally:
             self.inner_model = None
+            self.model_options = saved_options
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
                seed=None):

@@ -1,0 +1,205 @@
+"""Attaching a parallel plan to a MODEL at sampling time.
+
+The sampler (comfy/samplers.py) calls `prepare_for_sampling(patcher, cfg, noise_shape)` once per
+sampling run. With one rank, or parallelism off, it returns the patcher unchanged: the single-GPU path
+is the same code. Otherwise it picks the degrees (`plan_parallel`: what the user fixed through the YAML
+file, --taco-* flags or a `TACO-DiT Parallel Config` node, the rest automatic), builds the process groups
+once per layout, and returns a clone of the patcher whose model options / object patches carry the
+strategies (cfg_parallel.py, sequence_parallel.py). The choice is logged with its reasons.
+
+The process-wide runtime (the validated ParallelConfig and world size) is set once by
+`execution_engine.run` through `set_runtime`; it is the one piece of module state here, because the
+node graph that reaches the sampler carries no handle to the process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh
+
+log = logging.getLogger(__name__)
+
+# model_options key a `TACO-DiT Parallel Config` node sets: a dict of ParallelConfig fields that override
+# the process-wide configuration for that MODEL.
+NODE_OPTIONS_KEY = "taco_parallel"
+
+_runtime: dict = {"config": None, "last_plan": None}
+_meshes: dict[MeshDims, ParallelMesh] = {}
+
+
+def set_runtime(config) -> None:
+    """Record the process's validated ParallelConfig (called once per process by the runtime)."""
+    _runtime["config"] = config
+
+
+def last_plan() -> Plan | None:
+    return _runtime["last_plan"]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def runtime_config(world: int):
+    from comfy.taco_dit.core.config_manager import ParallelConfig
+
+    config = _runtime["config"]
+    if config is None or config.world_size != world:
+        config = ParallelConfig(world_size=world)
+    return config
+
+
+@dataclass
+class Plan:
+    dims: MeshDims
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def is_parallel(self) -> bool:
+        d = self.dims
+        return d.cfg > 1 or d.sp > 1 or d.dp > 1
+
+    def describe(self) -> str:
+        d = self.dims
+        return (f"cfg_parallel={d.cfg} ulysses={d.ulysses} ring={d.ring} data_parallel={d.dp} "
+                f"on {d.world_size} ranks")
+
+
+def _largest_divisor_dividing(n: int, heads: int | None) -> int:
+    best = 1
+    for d in range(1, n + 1):
+        if n % d == 0 and (heads is None or heads % d == 0):
+            best = d
+    return best
+
+
+def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: int | None, sp_supported: bool,
+                  model_name: str = "model", tokens: int | None = None, peer_access: bool = True) -> Plan:
+    """Choose the degrees for one sampling run. Pure function of its inputs (tested without processes)."""
+    from comfy.taco_dit.core.config_manager import AUTO, ConfigError
+
+    reasons: list[str] = []
+    if world == 1 or config.enabled is False:
+        # every rank computes the whole image (pure lockstep)
+        return Plan(MeshDims(world_size=1), ["parallelism disabled" if world > 1 else "one rank"])
+    # CFG: two ranks share the guidance pair when there is a negative to evaluate.
+    if config.cfg_parallel is True:
+        cfg = 2
+        reasons.append("cfg_parallel on (configured)" + ("" if cfg_active else "; cfg == 1, so both halves "
+                                                         "evaluate the positive"))
+    elif config.cfg_parallel is AUTO and cfg_active and world % 2 == 0:
+        cfg = 2
+        reasons.append("cfg != 1: positive and negative on separate ranks (no communication but one gather)")
+    else:
+        cfg = 1
+        if config.cfg_parallel is AUTO:
+            reasons.append("cfg == 1: no negative to split" if not cfg_active else "odd world size: no CFG pair")
+    rest = world // cfg
+    u, r = config.ulysses_degree, config.ring_degree
+    sp_fixed = isinstance(config.sequence_parallel_degree, int) or isinstance(u, int) or isinstance(r, int)
+    if sp_fixed:
+        if not sp_supported:
+            raise ConfigError(f"Sequence parallel was configured but {model_name} has no sequence-parallel plan "
+                              "yet; use cfg_parallel / data parallel or parallel.enabled: false")
+        sp = config.sequence_parallel_degree if isinstance(config.sequence_parallel_degree, int) else \
+            (u if isinstance(u, int) else 1) * (r if isinstance(r, int) else 1)
+        if rest % sp:
+            raise ConfigError(f"sequence_parallel_degree {sp} does not divide the {rest} ranks left after "
+                              f"cfg_parallel={cfg} (world_size {world})")
+        if not isinstance(u, int) and not isinstance(r, int):
+            u = _largest_divisor_dividing(sp, heads)
+        u = u if isinstance(u, int) else sp // r
+        r = r if isinstance(r, int) else sp // u
+        if heads is not None and heads % u:
+            raise ConfigError(f"Ulysses degree {u} does not divide {model_name}'s {heads} heads; use ulysses in "
+                              f"{[d for d in range(1, sp + 1) if sp % d == 0 and heads % d == 0]} and the rest "
+                              "as ring degree")
+        dp = rest // sp
+        reasons.append(f"sequence parallel {sp} = ulysses {u} x ring {r} (configured)")
+    elif rest == 1:
+        u = r = dp = 1
+    elif config.sequence_parallel is not True and batch % rest == 0 and batch >= rest:
+        u = r = 1
+        dp = rest
+        reasons.append(f"batch {batch} splits evenly over {rest} ranks: data parallel (no communication)")
+    elif sp_supported and config.sequence_parallel is not False:
+        dp = 1
+        u = _largest_divisor_dividing(rest, heads)
+        if not peer_access and rest > 1:
+            # without GPU peer access all-to-all crawls through host memory; ring overlaps its transfers
+            u = 1
+            reasons.append("GPUs without peer access: ring attention")
+        r = rest // u
+        reasons.append(f"sequence parallel over {rest} ranks for {tokens or '?'} tokens: ulysses {u}"
+                       + (f" (largest degree dividing {heads} heads)" if heads else "") + f" x ring {r}")
+    else:
+        u = r = 1
+        dp = rest
+        why = "sequence parallel is off" if config.sequence_parallel is False else \
+            f"{model_name} has no sequence-parallel plan yet"
+        reasons.append(f"{why}: data parallel over {rest} ranks (whole batch on each rank if it does not split)")
+    return Plan(MeshDims(world_size=world, dp=dp, cfg=cfg, ring=r, ulysses=u), reasons)
+
+
+def get_mesh(dims: MeshDims) -> ParallelMesh:
+    """The process groups for one layout, built once (collectively: all ranks reach this in lockstep)."""
+    mesh = _meshes.get(dims)
+    if mesh is None:
+        mesh = _meshes[dims] = ParallelMesh(dims)
+    return mesh
+
+
+def _peer_access() -> bool:
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return True
+    n = torch.cuda.device_count()
+    return all(torch.cuda.can_device_access_peer(0, j) for j in range(1, n))
+
+
+def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: bool = True):
+    """Return `patcher`, or a clone carrying this run's parallel strategies (see module docstring)."""
+    world = world_size()
+    node_opts = patcher.model_options.get(NODE_OPTIONS_KEY)
+    if world == 1:
+        return patcher
+    from comfy.taco_dit.core.config_manager import ParallelConfig
+    from comfy.taco_dit.parallel.cfg_parallel import make_cfg_parallel_calc, make_data_parallel_wrapper
+    from comfy.taco_dit.parallel.sequence_parallel import apply_sequence_parallel, supports_sequence_parallel
+
+    config = runtime_config(world)
+    if node_opts:
+        merged = config.to_dict()["parallel"]
+        merged.update(node_opts)
+        config = ParallelConfig(world_size=world, optimization=config.optimization, **merged)
+    dm = patcher.model.diffusion_model
+    cfg_active = has_negative and not math.isclose(cfg_scale, 1.0)
+    tokens = None
+    if len(noise_shape) >= 4:
+        tokens = math.prod(noise_shape[2:]) // 4
+    plan = plan_parallel(config, world=world, cfg_active=cfg_active, batch=int(noise_shape[0]),
+                         heads=getattr(dm, "num_heads", None), sp_supported=supports_sequence_parallel(dm),
+                         model_name=type(dm).__name__, tokens=tokens, peer_access=_peer_access())
+    _runtime["last_plan"] = plan  # what the last sampling run used (console timing, tests)
+    if not plan.is_parallel:
+        return patcher
+    mesh = get_mesh(plan.dims)
+    if dist.get_rank() == 0:
+        log.info("TACO-DiT plan for %s: %s (%s)", type(dm).__name__, plan.describe(), "; ".join(plan.reasons))
+    out = patcher.clone()
+    if plan.dims.cfg > 1:
+        if "sampler_calc_cond_batch_function" in out.model_options:
+            log.warning("The MODEL already swaps calc_cond_batch (another patch); CFG parallel not applied")
+        else:
+            out.model_options["sampler_calc_cond_batch_function"] = make_cfg_parallel_calc(mesh.cfg)
+    if plan.dims.dp > 1:
+        out.model_options["model_function_wrapper"] = make_data_parallel_wrapper(
+            mesh.dp, out.model_options.get("model_function_wrapper"))
+    if plan.dims.sp > 1:
+        out = apply_sequence_parallel(out, mesh)
+    return out

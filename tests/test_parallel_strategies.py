@@ -1,0 +1,143 @@
+"""Every parallel strategy on 2 and 4 gloo ranks gives the one-process image, through the real fork
+path (API prompt -> loaders -> CLIPTextEncode -> KSampler -> model -> VAEDecode -> SaveImage).
+
+CFG parallel and data parallel do the same arithmetic as one process (each rank evaluates whole
+samples; small conditioning-vector linears are batch-invariant on CPU, see comfy/ops.py), so the PNG
+bytes must be identical. Sequence parallel reorders the attention sums (blockwise LSE merging, keys in
+another order): fp32 results differ around 1e-6 relative, which after 4 steps and the VAE can move an
+8-bit pixel across a rounding boundary, so there the PNG may differ by at most 1 level in a few pixels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.parallel_helpers import run_on_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _prompt(cfg: float, batch: int, negative: str | None) -> dict:
+    with open(os.path.join(ROOT, "demo", "flux_demo_api.json")) as f:
+        prompt = json.load(f)
+    prompt["6"]["inputs"].update(width=128, height=128, batch_size=batch)
+    prompt["7"]["inputs"].update(steps=4, cfg=cfg)
+    if negative is not None:
+        prompt["5"] = {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["2", 0]}}
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    spec = importlib.util.spec_from_file_location("make_demo_models", os.path.join(ROOT, "scripts",
+                                                                                    "make_demo_models.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.write_demo_models(str(d), seed=0)
+    return str(d)
+
+
+def _render(rank, world, models_dir, out_root, prompt, parallel):
+    import execution
+    import folder_paths
+    import nodes
+    from comfy.taco_dit.core import model_wrapper
+    from comfy.taco_dit.core.config_manager import ParallelConfig
+    from tests.fixtures.harness import FakeServer
+
+    folder_paths.set_base_path(out_root)
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.models_dir = models_dir
+    folder_paths._reset_model_folders()
+    folder_paths.set_output_directory(os.path.join(out_root, f"output-{rank}"))
+    nodes.init_extra_nodes(init_custom_nodes=False)
+    model_wrapper.set_runtime(ParallelConfig(world_size=world, **parallel))
+    ex = execution.PromptExecutor(FakeServer())
+    ex.execute(prompt, f"p-{world}", {}, ["9"])
+    assert ex.success, ex.status_messages
+    plan = model_wrapper.last_plan()
+    out = [(plan.dims.cfg, plan.dims.ulysses, plan.dims.ring, plan.dims.dp) if plan else None]
+    for img in ex.history_result["outputs"]["9"]["images"]:
+        with open(os.path.join(folder_paths.get_output_directory(), img["subfolder"], img["filename"]), "rb") as f:
+            out.append(f.read())
+    return out
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+CASES = [
+    # (world, parallel config, cfg, batch, negative, exact, expected (cfg, ulysses, ring, dp))
+    (2, dict(cfg_parallel=True), 3.0, 1, "blurry", True, (2, 1, 1, 1)),
+    (2, dict(cfg_parallel=False), 1.0, 2, None, True, (1, 1, 1, 2)),  # auto: a batch of 2 goes data parallel
+    (2, dict(ulysses_degree=2, cfg_parallel=False), 1.0, 1, None, False, (1, 2, 1, 1)),
+    (2, dict(ring_degree=2, cfg_parallel=False), 1.0, 1, None, False, (1, 1, 2, 1)),
+    (4, dict(cfg_parallel=True, ulysses_degree=2), 3.0, 1, "blurry", False, (2, 2, 1, 1)),
+    (4, dict(ulysses_degree=2, ring_degree=2, cfg_parallel=False), 1.0, 1, None, False, (1, 2, 2, 1)),
+    (4, dict(), 3.0, 1, "blurry", False, (2, 2, 1, 1)),  # automatic: CFG pair x Ulysses 2
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,parallel,cfg,batch,negative,exact,expected", CASES)
+def test_n_ranks_give_the_one_rank_image(base_dir, tmp_path, models_dir, world, parallel, cfg, batch, negative,
+                                         exact, expected):
+    # base_dir restores folder_paths after the in-process reference render below
+    prompt = _prompt(cfg, batch, negative)
+    ref_plan, *ref = _render(0, 1, models_dir, str(tmp_path / "one"), prompt, {})
+    assert ref_plan is None  # one process: no plan at all, the plain path
+    outs = run_on_ranks(world, _render, models_dir, str(tmp_path / "many"), prompt, parallel)
+    assert len(outs[0]) == batch + 1
+    for plan, *rank_out in outs:  # every rank used the expected layout and ends with the same images
+        assert plan == expected
+        for got, want in zip(rank_out, ref):
+            if exact:
+                assert got == want
+            else:
+                diff = np.abs(_pixels(got) - _pixels(want))
+                assert diff.max() <= 1, diff.max()
+                assert (diff > 0).mean() < 0.02
+
+
+def test_auto_plan_rules():
+    from comfy.taco_dit.core.config_manager import ConfigError, ParallelConfig
+    from comfy.taco_dit.core.model_wrapper import plan_parallel
+
+    def plan(world, **kw):
+        config = ParallelConfig(world_size=world, **kw.pop("config", {}))
+        args = dict(cfg_active=False, batch=1, heads=24, sp_supported=True, model_name="Flux")
+        args.update(kw)
+        return plan_parallel(config, world=world, **args)
+
+    d = plan(4).dims  # Flux-dev, cfg 1, batch 1: all four ranks on the sequence, Ulysses first
+    assert (d.cfg, d.ulysses, d.ring, d.dp) == (1, 4, 1, 1)
+    d = plan(4, cfg_active=True).dims  # cfg > 1: CFG pair x Ulysses 2
+    assert (d.cfg, d.ulysses, d.ring, d.dp) == (2, 2, 1, 1)
+    d = plan(4, batch=4).dims  # a batch that splits evenly goes data parallel
+    assert (d.cfg, d.sp, d.dp) == (1, 1, 4)
+    d = plan(5, heads=24).dims  # 5 does not divide 24 heads: ring takes it
+    assert (d.ulysses, d.ring) == (1, 5)
+    d = plan(6, heads=24).dims
+    assert (d.ulysses, d.ring) == (6, 1)
+    d = plan(4, peer_access=False).dims  # PCIe without P2P: ring
+    assert (d.ulysses, d.ring) == (1, 4)
+    d = plan(4, sp_supported=False).dims  # no plan for the model: data parallel (falls back per batch)
+    assert (d.sp, d.dp) == (1, 4)
+    assert not plan(4, config=dict(enabled=False)).is_parallel
+    d = plan(4, config=dict(ulysses_degree=2, ring_degree=2)).dims
+    assert (d.ulysses, d.ring, d.cfg) == (2, 2, 1)
+    with pytest.raises(ConfigError, match="does not divide Flux's 24 heads"):
+        plan(5, config=dict(ulysses_degree=5))
+    with pytest.raises(ConfigError, match="has no sequence-parallel plan"):
+        plan(2, sp_supported=False, config=dict(ulysses_degree=2))
+    assert torch is not None
