@@ -42,3 +42,30 @@ class Flux(SD3):
     scale_factor = 0.3611
     shift_factor = 0.1159
     taesd_decoder_name = "taef1_decoder"
+
+
+class Wan21(LatentFormat):
+    """Wan 2.1 VAE: 16 channels, 3-D latents [B, C, T, H, W], per-channel mean/std normalisation."""
+
+    latent_channels = 16
+    latent_dimensions = 3
+    scale_factor = 1.0
+    # the Wan 2.1 VAE's published per-channel latent statistics
+    latents_mean = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+    latents_std = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                   3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+    def _stats(self, latent: torch.Tensor):
+        shape = (1, self.latent_channels) + (1,) * (latent.ndim - 2)
+        mean = torch.tensor(self.latents_mean, device=latent.device, dtype=latent.dtype).view(shape)
+        std = torch.tensor(self.latents_std, device=latent.device, dtype=latent.dtype).view(shape)
+        return mean, std
+
+    def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latent)
+        return (latent - mean) * self.scale_factor / std
+
+    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latent)
+        return latent * std / self.scale_factor + mean
