@@ -122,7 +122,7 @@ def test_save_animated_webp(base_dir):
         assert exif[0x0110] == "prompt:" + json.dumps(PROMPT)
         assert exif[0x010F] == "workflow:" + json.dumps(WORKFLOW["workflow"])
         im.seek(3)
-        got = torch.from_numpy(np.asarray(im.convert("RGB"))).float()
+        got = torch.from_numpy(np.array(im.convert("RGB"))).float()
     # lossless: exactly the uint8-quantised frame
     assert torch.equal(got, (images[3] * 255).floor().clamp(0, 255))
     one = SaveAnimatedWEBP().save_images(images[:1], 6.0, "single", False, 50, "fastest")["ui"]
