@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from comfy.ldm.flux.model import Flux  # noqa: E402
 from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh  # noqa: E402
 from comfy.taco_dit.parallel.sequence_parallel import flux_forward_orig  # noqa: E402
+from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable  # noqa: E402
 
 FLUX_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
                 mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
@@ -99,6 +100,13 @@ def run_single(args) -> None:
             ms = time_fn(lambda: model(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
         emit(args.out, {"impl": "taco-dit", "mode": "eager", "gpus": 1, "size": size, "step_ms": round(ms, 2),
                         "card": card(), "torch": torch.__version__})
+        if args.graph:
+            graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
+            with torch.inference_mode():
+                ms = time_fn(lambda: graphed(x, t, ctx, y, g), args.warmup, args.iters)
+            emit(args.out, {"impl": "taco-dit", "mode": "cuda_graph", "gpus": 1, "size": size,
+                            "step_ms": round(ms, 2), "card": card()})
+            del graphed
         if args.compile:
             compiled = torch.compile(model)
             with torch.inference_mode():
@@ -109,7 +117,7 @@ def run_single(args) -> None:
                 ms = time_fn(lambda: compiled(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
             emit(args.out, {"impl": "taco-dit", "mode": "compile", "gpus": 1, "size": size,
                             "step_ms": round(ms, 2), "compile_s": round(ctime, 1), "card": card()})
-    del model
+    model = None  # free the weights before the diffusers model is built
     torch.cuda.empty_cache()
     if args.diffusers:
         from diffusers import FluxTransformer2DModel
@@ -154,6 +162,7 @@ def run_parallel(args) -> None:
     model = Flux(**FLUX_DEV, dtype=torch.bfloat16, device=dev).eval()
     init_random_(model)
     original = model.forward_orig
+    meshes = {}
     for size in args.sizes:
         x, t, ctx, y, g = inputs(size, dev)
         with torch.inference_mode():
@@ -164,18 +173,32 @@ def run_parallel(args) -> None:
                 if rank == 0:
                     print(f"skip {cfg_name}: needs {u * r} ranks, have {world}", flush=True)
                 continue
-            mesh = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl")
+            mesh = meshes.get((u, r))
+            if mesh is None:
+                mesh = meshes[(u, r)] = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl")
             model.forward_orig = flux_forward_orig(mesh).__get__(model, Flux)
-            with torch.inference_mode():
-                out = model(x, t, ctx, y=y, guidance=g)
-                ms = time_fn(lambda: model(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
+            for mode in ["eager"] + (["cuda_graph"] if args.graph else []):
+                try:
+                    if mode == "eager":
+                        fn = lambda: model(x, t, ctx, y=y, guidance=g)  # noqa: E731
+                    else:
+                        graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
+                        fn = lambda: graphed(x, t, ctx, y, g)  # noqa: E731
+                    with torch.inference_mode():
+                        out = fn()
+                        ms = time_fn(fn, args.warmup, args.iters)
+                except Exception as e:  # report and go on with the next configuration
+                    if rank == 0:
+                        emit(args.out, {"gpus": world, "size": size, "config": cfg_name, "mode": mode,
+                                        "error": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                if rank == 0:
+                    diff = (out.float() - reference.float()).abs()
+                    rel = (diff.norm() / reference.float().norm()).item()
+                    emit(args.out, {"impl": "taco-dit", "mode": mode, "gpus": world, "size": size,
+                                    "config": cfg_name, "step_ms": round(ms, 2), "max_abs_diff_vs_1gpu":
+                                    round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card()})
             model.forward_orig = original
-            if rank == 0:
-                diff = (out.float() - reference.float()).abs()
-                rel = (diff.norm() / reference.float().norm()).item()
-                emit(args.out, {"impl": "taco-dit", "mode": "eager", "gpus": world, "size": size,
-                                "config": cfg_name, "step_ms": round(ms, 2), "max_abs_diff_vs_1gpu":
-                                round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card()})
     dist.destroy_process_group()
 
 
@@ -185,6 +208,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=[])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--diffusers", action="store_true")
+    p.add_argument("--graph", action="store_true", help="also time CUDA-graph replay of the forward")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "flux_step.jsonl"))

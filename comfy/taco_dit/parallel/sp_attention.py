@@ -81,6 +81,20 @@ def _seq_to_heads(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * s, d)
 
 
+def _qkv_seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: GroupHandle):
+    """_seq_to_heads for q, k and v in ONE all-to-all: a third of the collective launches and syncs,
+    which is what limits Ulysses at small per-rank token counts."""
+    p = group.size
+    b, h, s, d = q.shape
+    send = torch.empty((p, 3, b, h // p, s, d), dtype=q.dtype, device=q.device)
+    for i, t in enumerate((q, k, v)):
+        send[:, i].copy_(t.reshape(b, p, h // p, s, d).transpose(0, 1))
+    recv = torch.empty_like(send)
+    group.all_to_all_single(recv, send)
+    out = recv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h // p, p * s, d)
+    return out[0], out[1], out[2]
+
+
 def _heads_to_seq(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     """Inverse of _seq_to_heads: [B, H/P, S, D] -> [B, H, S/P, D]."""
     p = group.size
@@ -100,7 +114,10 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Gr
         raise ValueError(f"Ulysses degree {ulysses.size} does not divide the {heads} attention heads; "
                          f"use a Ulysses degree that divides {heads} and put the rest in ring degree")
     if ulysses.size > 1:
-        q, k, v = (_seq_to_heads(t, ulysses) for t in (q, k, v))
+        if q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
+            q, k, v = _qkv_seq_to_heads(q, k, v, ulysses)
+        else:
+            q, k, v = (_seq_to_heads(t, ulysses) for t in (q, k, v))
     keep = None
     if kv_keep_global is not None:
         # After the all-to-all this rank holds the ring slot `ring.rank_in_group`: its keys are the

@@ -1,0 +1,83 @@
+"""Replaying a whole transformer forward as one CUDA graph.
+
+At small per-GPU token counts (Flux 1024² over 4 GPUs is 1152 tokens a rank) an eager step is bound by
+kernel launches and collective synchronisation, not arithmetic: ~2000 launches a step. A CUDA graph
+captures the forward once per input signature (collectives included: NCCL supports capture once the
+communicators exist, hence the eager warm-up runs) and replays it with one launch.
+
+`CUDAGraphCallable(fn)` is a drop-in for `fn(*tensors, **kwargs)` whose tensor arguments keep their
+shapes between calls; non-tensor arguments are part of the cache key. The returned tensor is a fresh
+copy, so a later replay never overwrites what a caller still holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _signature(value):
+    if torch.is_tensor(value):
+        return ("T", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("D", tuple((k, _signature(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))))
+    try:
+        hash(value)
+        return ("V", value)
+    except TypeError:
+        return ("I", id(value))
+
+
+def _copy_into(static, value):
+    if torch.is_tensor(static):
+        static.copy_(value)
+    elif isinstance(static, (list, tuple)):
+        for s, v in zip(static, value):
+            _copy_into(s, v)
+    elif isinstance(static, dict):
+        for k in static:
+            _copy_into(static[k], value[k])
+
+
+def _clone_inputs(value):
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, list):
+        return [_clone_inputs(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_clone_inputs(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone_inputs(v) for k, v in value.items()}
+    return value
+
+
+class CUDAGraphCallable:
+    def __init__(self, fn, warmup: int = 2):
+        self.fn = fn
+        self.warmup = warmup
+        self.graphs: dict = {}
+
+    def __call__(self, *args, **kwargs):
+        key = _signature((args, kwargs))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(args, kwargs)
+        static_args, static_kwargs, graph, out = entry
+        _copy_into(static_args, args)
+        _copy_into(static_kwargs, kwargs)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, args, kwargs):
+        static_args, static_kwargs = _clone_inputs(args), _clone_inputs(kwargs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.fn(*static_args, **static_kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(*static_args, **static_kwargs)
+        return static_args, static_kwargs, graph, out
