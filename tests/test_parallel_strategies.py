@@ -141,3 +141,32 @@ def test_auto_plan_rules():
     with pytest.raises(ConfigError, match="has no sequence-parallel plan"):
         plan(2, sp_supported=False, config=dict(ulysses_degree=2))
     assert torch is not None
+
+
+def test_parallel_config_node_and_overrides():
+    from comfy.taco_dit.core.config_manager import ParallelConfig
+    from comfy.taco_dit.core.model_wrapper import NODE_OPTIONS_KEY, effective_config
+    from comfy_extras.nodes_taco_dit import TacoDiTParallelConfig
+
+    class FakePatcher:
+        def __init__(self):
+            self.model_options = {"transformer_options": {}}
+
+        def clone(self):
+            c = FakePatcher()
+            c.model_options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.model_options.items()}
+            return c
+
+    base = FakePatcher()
+    (patched,) = TacoDiTParallelConfig().patch(base, "auto", "off", "auto", 4, 0)
+    assert NODE_OPTIONS_KEY not in base.model_options  # the input MODEL is untouched
+    opts = patched.model_options[NODE_OPTIONS_KEY]
+    # the process said ulysses 2 x ring 2; the node's Ulysses 4 replaces that layout as a whole
+    process = ParallelConfig(world_size=4, ulysses_degree=2, ring_degree=2)
+    eff = effective_config(process, opts)
+    assert (eff.ulysses_degree, eff.ring_degree, eff.cfg_parallel) == (4, "auto", False)
+    from comfy.taco_dit.core.model_wrapper import plan_parallel
+    d = plan_parallel(eff, world=4, cfg_active=True, batch=1, heads=24, sp_supported=True).dims
+    assert (d.cfg, d.ulysses, d.ring) == (1, 4, 1)
+    # "auto" on the node inherits the process's explicit choice
+    assert effective_config(process, {"ulysses_degree": "auto"}) is process

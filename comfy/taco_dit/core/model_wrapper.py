@@ -85,7 +85,7 @@ def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: in
     from comfy.taco_dit.core.config_manager import AUTO, ConfigError
 
     reasons: list[str] = []
-    if world == 1 or config.enabled is False:
+    if world == 1 or config.enabled is False or (config.cfg_parallel is False and config.sequence_parallel is False):
         # every rank computes the whole image (pure lockstep)
         return Plan(MeshDims(world_size=1), ["parallelism disabled" if world > 1 else "one rank"])
     # CFG: two ranks share the guidance pair when there is a negative to evaluate.
@@ -147,6 +147,25 @@ def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: in
     return Plan(MeshDims(world_size=world, dp=dp, cfg=cfg, ring=r, ulysses=u), reasons)
 
 
+def effective_config(config, node_opts: dict | None):
+    """The process configuration with a Parallel Config node's non-auto values on top.
+
+    A node that sets Ulysses or Ring degrees (or switches sequence parallel) replaces the process's
+    sequence-parallel degrees as a whole, so the two never mix into an inconsistent layout.
+    """
+    from comfy.taco_dit.core.config_manager import AUTO, ParallelConfig
+
+    overrides = {k: v for k, v in (node_opts or {}).items() if v != AUTO}
+    if not overrides:
+        return config
+    merged = config.to_dict()["parallel"]
+    if {"ulysses_degree", "ring_degree", "sequence_parallel", "sequence_parallel_degree"} & set(overrides):
+        for key in ("sequence_parallel_degree", "ulysses_degree", "ring_degree"):
+            merged[key] = AUTO
+    merged.update(overrides)
+    return ParallelConfig(world_size=config.world_size, optimization=config.optimization, **merged)
+
+
 def get_mesh(dims: MeshDims) -> ParallelMesh:
     """The process groups for one layout, built once (collectively: all ranks reach this in lockstep)."""
     mesh = _meshes.get(dims)
@@ -168,15 +187,10 @@ def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: b
     node_opts = patcher.model_options.get(NODE_OPTIONS_KEY)
     if world == 1:
         return patcher
-    from comfy.taco_dit.core.config_manager import ParallelConfig
     from comfy.taco_dit.parallel.cfg_parallel import make_cfg_parallel_calc, make_data_parallel_wrapper
     from comfy.taco_dit.parallel.sequence_parallel import apply_sequence_parallel, supports_sequence_parallel
 
-    config = runtime_config(world)
-    if node_opts:
-        merged = config.to_dict()["parallel"]
-        merged.update(node_opts)
-        config = ParallelConfig(world_size=world, optimization=config.optimization, **merged)
+    config = effective_config(runtime_config(world), node_opts)
     dm = patcher.model.diffusion_model
     cfg_active = has_negative and not math.isclose(cfg_scale, 1.0)
     tokens = None
