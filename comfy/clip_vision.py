@@ -126,7 +126,12 @@ class ClipVisionModel:
         self.config = config
         self.image_size = config.image_size
         self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
-        self.patcher = comfy.model_patcher.ModelPatcher(self.model, load_device=self.load_device,
+        # The patcher needs a module it may set `.device` on (transformers models have a read-only one); this
+        # holder shares the towers' parameters, so its weight keys are the file's (vision_model.*, visual_projection.*)
+        holder = torch.nn.Module()
+        holder.vision_model = model.vision_model
+        holder.visual_projection = model.visual_projection
+        self.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=self.load_device,
                                                         offload_device=self.offload_device)
 
     def get_sd(self) -> dict:

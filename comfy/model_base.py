@@ -194,3 +194,82 @@ class SD3(BaseModel):
             device = kwargs.get("device")
             out["y"] = pooled.to(device) if device is not None else pooled
         return out
+
+
+def _fit_latent_hw(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize a [B, C, T, H, W] (or [B, C, H, W]) latent-space tensor to (height, width), centre-cropped."""
+    if x.shape[-2:] == (height, width):
+        return x
+    import comfy.utils
+
+    if x.ndim == 4:
+        return comfy.utils.common_upscale(x, width, height, "bilinear", "center")
+    b, c, t = x.shape[:3]
+    flat = x.movedim(2, 1).reshape(b * t, c, *x.shape[-2:])
+    flat = comfy.utils.common_upscale(flat, width, height, "bilinear", "center")
+    return flat.reshape(b, t, c, height, width).movedim(1, 2)
+
+
+def _to_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    if x.shape[0] == batch:
+        return x
+    reps = -(-batch // x.shape[0])
+    return x.repeat((reps,) + (1,) * (x.ndim - 1))[:batch]
+
+
+class WAN21(BaseModel):
+    """Wan 2.1 (and 2.2-14B). Models with more input channels than the latent (i2v: 36 = 16 + 4 + 16) get
+    ``c_concat = [mask (4 ch, 1 = known frame), image latent (16 ch)]`` after the noise; i2v also takes the
+    CLIP-vision penultimate tokens as ``clip_fea``."""
+
+    def __init__(self, model_config, model_type: ModelType = ModelType.FLOW, image_to_video: bool = False,
+                 device=None):
+        from comfy.ldm.wan.model import WanModel
+
+        super().__init__(model_config, model_type, device=device, unet_model=WanModel)
+        self.image_to_video = image_to_video
+
+    def concat_cond(self, **kwargs) -> torch.Tensor | None:
+        noise = kwargs["noise"]
+        extra = self.diffusion_model.in_dim - noise.shape[1]
+        if extra <= 0:
+            return None
+        device = kwargs.get("device") or noise.device
+        image = kwargs.get("concat_latent_image")
+        if image is None:
+            # no start image (WanImageToVideo without one): mask and image channels stay zero, as in ComfyUI
+            return torch.zeros((noise.shape[0], extra) + tuple(noise.shape[2:]), dtype=noise.dtype, device=device)
+        image = _fit_latent_hw(image.to(device=device, dtype=noise.dtype), noise.shape[-2], noise.shape[-1])
+        ch = self.latent_format.latent_channels
+        image = torch.cat([self.process_latent_in(image[:, i:i + ch]) for i in range(0, image.shape[1], ch)], dim=1)
+        image = _to_batch(image, noise.shape[0])
+        if extra != image.shape[1] + 4 and (not self.image_to_video or extra == image.shape[1]):
+            return image   # models whose extra channels are the image latent alone (no mask)
+        image = image[:, :extra - 4]
+        mask = kwargs.get("concat_mask", kwargs.get("denoise_mask"))
+        if mask is None:
+            mask = torch.zeros((noise.shape[0], 4) + tuple(noise.shape[2:]), dtype=noise.dtype, device=device)
+        else:
+            mask = mask.to(device=device, dtype=noise.dtype)
+            if mask.shape[1] != 4:
+                mask = mask.mean(dim=1, keepdim=True)
+            # the node marks frames to generate with 1; the network expects 1 on known frames
+            mask = _fit_latent_hw(1.0 - mask, noise.shape[-2], noise.shape[-1])
+            if mask.shape[2] < noise.shape[2]:
+                mask = torch.nn.functional.pad(mask, (0, 0, 0, 0, 0, noise.shape[2] - mask.shape[2]))
+            if mask.shape[1] == 1:
+                mask = mask.repeat(1, 4, 1, 1, 1)
+            mask = _to_batch(mask, noise.shape[0])
+        return torch.cat((mask, image), dim=1)
+
+    def extra_conds(self, **kwargs) -> dict:
+        out = super().extra_conds(**kwargs)
+        device = kwargs.get("device")
+        concat = self.concat_cond(**kwargs)
+        if concat is not None:
+            out["c_concat"] = concat
+        clip_vision_output = kwargs.get("clip_vision_output")
+        if clip_vision_output is not None:
+            fea = clip_vision_output.penultimate_hidden_states
+            out["clip_fea"] = fea.to(device) if device is not None else fea
+        return out

@@ -82,9 +82,16 @@ def _detect_flux(sd: dict, prefix: str) -> dict | None:
     return cfg
 
 
+def _detect_wan(sd: dict, prefix: str) -> dict | None:
+    from comfy.ldm.wan.detect import detect_wan  # Wan 2.1 t2v / i2v / flf2v (and the 2.2 14B DiTs)
+
+    return detect_wan(sd, prefix)
+
+
 # (family, detector). Order matters only where key sets overlap; more specific families go first.
 DETECTORS: list[tuple[str, Callable[[dict, str], dict | None]]] = [
     ("flux", _detect_flux),
+    ("wan", _detect_wan),
 ]
 
 # Keys that identify families we know but do not implement yet: named in the error message.
@@ -92,7 +99,7 @@ KNOWN_UNSUPPORTED = {
     "joint_blocks.0.context_block.attn.qkv.weight": "SD3 / SD3.5 (MMDiT)",
     "t_block.1.weight": "PixArt",
     "mlp_t5.0.weight": "HunyuanDiT",
-    "head.modulation": "Wan 2.1 / 2.2",
+    "head.modulation": "a Wan variant other than 2.1 / 2.2-14B t2v / i2v (TI2V-5B, VACE, Fun camera, S2V)",
     "distilled_guidance_layer.in_proj.weight": "Chroma",
     "txt_in.individual_token_refiner.blocks.0.norm1.weight": "HunyuanVideo",
     "adaln_single.emb.timestep_embedder.linear_1.bias": "LTX-Video",

@@ -112,7 +112,42 @@ class SD3(BASE):
         return state_dict
 
 
-models: list[type[BASE]] = [Flux, FluxSchnell, SD3]
+class WAN21_T2V(BASE):
+    """Wan 2.1 text-to-video (1.3B, 14B) and the Wan 2.2 14B DiTs: rectified flow, shift 8, umT5-XXL."""
+
+    unet_config = {"image_model": "wan2.1", "model_type": "t2v"}
+    sampling_settings = {"shift": 8.0}
+    latent_format = comfy.latent_formats.Wan21
+    memory_usage_factor = 1.0
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    text_encoder_key_prefix = ["text_encoders."]
+    vae_key_prefix = ["vae.", "first_stage_model."]
+    text_encoders = {"umt5xxl": "text_encoders.umt5xxl.transformer."}
+    clip_type = "wan"
+
+    def model_type(self, state_dict=None, prefix=""):
+        return comfy.model_base.ModelType.FLOW
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return comfy.model_base.WAN21(self, model_type=self.model_type(state_dict, prefix), device=device,
+                                      image_to_video=False)
+
+
+class WAN21_I2V(WAN21_T2V):
+    """Wan 2.1 image-to-video (14B 480p/720p): 36 input channels (noise + mask + image latent), CLIP-H tokens."""
+
+    unet_config = {"image_model": "wan2.1", "model_type": "i2v", "in_dim": 36}
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return comfy.model_base.WAN21(self, model_type=self.model_type(state_dict, prefix), device=device,
+                                      image_to_video=True)
+
+
+class WAN21_FLF2V(WAN21_I2V):
+    unet_config = {"image_model": "wan2.1", "model_type": "flf2v", "in_dim": 36}
+
+
+models: list[type[BASE]] = [Flux, FluxSchnell, SD3, WAN21_T2V, WAN21_I2V, WAN21_FLF2V]
 
 
 def model_config_for(unet_config: dict, state_dict: dict | None = None, prefix: str = "") -> BASE | None:

@@ -87,8 +87,9 @@ def test_unet_loader_builds_wan_t2v(base_dir):
 def test_wan21_latent_format_matches_diffusers_normalisation():
     import inspect
 
-    import comfy.latent_formats
     from diffusers import AutoencoderKLWan
+
+    import comfy.latent_formats
 
     # diffusers' Wan VAE defaults carry the released statistics
     params = inspect.signature(AutoencoderKLWan.__init__).parameters
