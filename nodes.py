@@ -501,6 +501,121 @@ class KSamplerAdvanced:
                                force_full_denoise=return_with_leftover_noise != "enable")
 
 
+# -- LoRA and ControlNet (comfy.lora, comfy.controlnet): ComfyUI's inputs ---------------------------
+
+
+class LoraLoader:
+    def __init__(self):
+        # (path, state dict): a strength change re-patches without re-reading the file
+        self.loaded_lora = None
+
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP model the LoRA will be applied to."}),
+            "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "The name of the LoRA."}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                         "tooltip": "How strongly to modify the diffusion model."}),
+            "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                        "tooltip": "How strongly to modify the CLIP model."})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The modified diffusion model.", "The modified CLIP model.")
+    FUNCTION = "load_lora"
+    CATEGORY = "loaders"
+    DESCRIPTION = "LoRAs are used to modify diffusion and CLIP models, altering the way in which latents are " \
+                  "denoised such as applying styles. Multiple LoRA nodes can be linked together."
+
+    def _lora_sd(self, lora_name):
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        if self.loaded_lora is None or self.loaded_lora[0] != path:
+            self.loaded_lora = (path, comfy.utils.load_torch_file(path, safe_load=True))
+        return self.loaded_lora[1]
+
+    def load_lora(self, model, clip, lora_name, strength_model, strength_clip):
+        import comfy.lora
+
+        if strength_model == 0 and strength_clip == 0:
+            return (model, clip)
+        m, c = comfy.lora.load_lora_for_models(model, clip, self._lora_sd(lora_name), strength_model,
+                                               strength_clip, name=lora_name)
+        return (m, c)
+
+
+class LoraLoaderModelOnly(LoraLoader):
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {
+            "model": ("MODEL",),
+            "lora_name": (folder_paths.get_filename_list("loras"),),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_lora_model_only"
+
+    def load_lora_model_only(self, model, lora_name, strength_model):
+        return (self.load_lora(model, None, lora_name, strength_model, 0)[0],)
+
+
+class ControlNetLoader:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"control_net_name": (folder_paths.get_filename_list("controlnet"),)}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load_controlnet"
+    CATEGORY = "loaders"
+
+    def load_controlnet(self, control_net_name):
+        import comfy.controlnet
+
+        path = folder_paths.get_full_path_or_raise("controlnet", control_net_name)
+        return (comfy.controlnet.load_controlnet(path),)
+
+
+class ControlNetApplyAdvanced:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"positive": ("CONDITIONING",),
+                             "negative": ("CONDITIONING",),
+                             "control_net": ("CONTROL_NET",),
+                             "image": ("IMAGE",),
+                             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+                             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})},
+                "optional": {"vae": ("VAE",)}}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "apply_controlnet"
+    CATEGORY = "conditioning/controlnet"
+
+    def apply_controlnet(self, positive, negative, control_net, image, strength, start_percent, end_percent,
+                         vae=None, extra_concat=None):
+        if strength == 0:
+            return (positive, negative)
+        hint = image.movedim(-1, 1)
+        # one copy per previous controlnet, so positive and negative share it and batch together
+        made = {}
+        out = []
+        for conditioning in (positive, negative):
+            entries = []
+            for t in conditioning:
+                d = t[1].copy()
+                prev = d.get("control", None)
+                key = id(prev)
+                if key not in made:
+                    made[key] = control_net.copy().set_cond_hint(hint, strength, (start_percent, end_percent),
+                                                                 vae=vae, extra_concat=extra_concat or [])
+                    made[key].set_previous_controlnet(prev)
+                d["control"] = made[key]
+                d["control_apply_to_uncond"] = False
+                entries.append([t[0], d])
+            out.append(entries)
+        return (out[0], out[1])
+
+
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 for _name, (_cls, _title) in _FLUX_SLICE_NODES.items():
@@ -508,6 +623,11 @@ for _name, (_cls, _title) in _FLUX_SLICE_NODES.items():
     NODE_DISPLAY_NAME_MAPPINGS[_name] = _title
 NODE_CLASS_MAPPINGS.update({"KSampler": KSampler, "KSamplerAdvanced": KSamplerAdvanced})
 NODE_DISPLAY_NAME_MAPPINGS.update({"KSampler": "KSampler", "KSamplerAdvanced": "KSampler (Advanced)"})
+NODE_CLASS_MAPPINGS.update({"LoraLoader": LoraLoader, "LoraLoaderModelOnly": LoraLoaderModelOnly,
+                            "ControlNetLoader": ControlNetLoader, "ControlNetApplyAdvanced": ControlNetApplyAdvanced})
+NODE_DISPLAY_NAME_MAPPINGS.update({"LoraLoader": "Load LoRA", "LoraLoaderModelOnly": "LoraLoaderModelOnly",
+                                   "ControlNetLoader": "Load ControlNet Model",
+                                   "ControlNetApplyAdvanced": "Apply ControlNet"})
 
 # ---------------------------------------------------------------------------------------------------
 # Loading comfy_extras and custom_nodes

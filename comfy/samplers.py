@@ -281,6 +281,8 @@ def _cond_input(entry, x_in, timestep):
                        "latent")
     batch = x_in.shape[0]
     conds = {k: _prepare_value(v, batch) for k, v in entry["model_conds"].items() if v is not None}
+    if entry.get("control") is not None:
+        conds["control"] = entry["control"]  # CONTROL_NET: residuals are computed per batched call
     return conds, float(entry.get("strength", 1.0)), entry.get("uuid")
 
 
@@ -329,6 +331,9 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
         opts["uuids"] = [p[2] for p, _ in run]
         opts["sigmas"] = timestep
         c["transformer_options"] = opts
+        control = c.pop("control", None)
+        if control is not None:  # comfy.controlnet: residuals for this batch, the model's `control` argument
+            c["control"] = control.get_control(input_x, timestep_, c, len(cond_or_uncond), opts, model=model)
         if "model_function_wrapper" in model_options:
             output = model_options["model_function_wrapper"](
                 model.apply_model, {"input": input_x, "timestep": timestep_, "c": c,

@@ -54,6 +54,15 @@ SEQUENCE_PARALLEL_PLAN = {
 }
 
 
+def _add_residual(h: torch.Tensor, res: torch.Tensor, start: int) -> torch.Tensor:
+    """h[:, start:start+len(res)] += res: ControlNet residuals cover the main image tokens only (not the
+    text before them nor Kontext reference tokens after them)."""
+    n = res.shape[1]
+    if start == 0 and n == h.shape[1]:
+        return h + res.to(h.dtype)
+    return torch.cat((h[:, :start], h[:, start:start + n] + res.to(h.dtype), h[:, start + n:]), dim=1)
+
+
 class Flux(nn.Module):
     SEQUENCE_PARALLEL_PLAN = SEQUENCE_PARALLEL_PLAN
 
@@ -112,8 +121,9 @@ class Flux(nn.Module):
         pe = embed_nd(ids, self.axes_dim, self.theta)
         return img, txt, vec, pe
 
-    def run_double_blocks(self, img, txt, vec, pe, attn_mask=None, transformer_options=None):
+    def run_double_blocks(self, img, txt, vec, pe, attn_mask=None, transformer_options=None, control=None):
         transformer_options = transformer_options if transformer_options is not None else {}
+        control_in = control.get("input") if control is not None else None
         replace = transformer_options.get("patches_replace", {}).get("dit", {})
         for i, block in enumerate(self.double_blocks):
             transformer_options["block_index"] = i
@@ -130,11 +140,14 @@ class Flux(nn.Module):
                 img, txt = out["img"], out["txt"]
             else:
                 img, txt = block(img, txt, vec, pe, attn_mask=attn_mask, transformer_options=transformer_options)
+            if control_in is not None and i < len(control_in) and control_in[i] is not None:
+                img = _add_residual(img, control_in[i], 0)  # ControlNet residual on the image tokens
         return img, txt
 
-    def run_single_blocks(self, img, txt, vec, pe, attn_mask=None, transformer_options=None):
+    def run_single_blocks(self, img, txt, vec, pe, attn_mask=None, transformer_options=None, control=None):
         """Runs the single blocks over [txt, img] and returns the image tokens."""
         transformer_options = transformer_options if transformer_options is not None else {}
+        control_out = control.get("output") if control is not None else None
         replace = transformer_options.get("patches_replace", {}).get("dit", {})
         txt_len = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
@@ -149,6 +162,8 @@ class Flux(nn.Module):
                      "transformer_options": transformer_options}, {"original_block": block_wrap})["img"]
             else:
                 x = block(x, vec, pe, attn_mask=attn_mask, transformer_options=transformer_options)
+            if control_out is not None and i < len(control_out) and control_out[i] is not None:
+                x = _add_residual(x, control_out[i], txt_len)
         return x[:, txt_len:]
 
     def final(self, img, vec):
@@ -159,8 +174,8 @@ class Flux(nn.Module):
         """Token-level forward (ComfyUI's name; custom nodes wrap it)."""
         transformer_options = transformer_options if transformer_options is not None else {}
         img, txt, vec, pe = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        img, txt = self.run_double_blocks(img, txt, vec, pe, attn_mask, transformer_options)
-        img = self.run_single_blocks(img, txt, vec, pe, attn_mask, transformer_options)
+        img, txt = self.run_double_blocks(img, txt, vec, pe, attn_mask, transformer_options, control)
+        img = self.run_single_blocks(img, txt, vec, pe, attn_mask, transformer_options, control)
         return self.final(img, vec)
 
     # -- latent-level entry point --------------------------------------------------------------------
