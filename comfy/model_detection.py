@@ -82,6 +82,12 @@ def _detect_flux(sd: dict, prefix: str) -> dict | None:
     return cfg
 
 
+def _detect_sd3(sd: dict, prefix: str) -> dict | None:
+    from comfy.ldm.mmdit.detect import detect_sd3  # SD3 / SD3.5 MMDiT, Stability or diffusers key names
+
+    return detect_sd3(sd, prefix)
+
+
 def _detect_wan(sd: dict, prefix: str) -> dict | None:
     from comfy.ldm.wan.detect import detect_wan  # Wan 2.1 t2v / i2v / flf2v (and the 2.2 14B DiTs)
 
@@ -91,12 +97,12 @@ def _detect_wan(sd: dict, prefix: str) -> dict | None:
 # (family, detector). Order matters only where key sets overlap; more specific families go first.
 DETECTORS: list[tuple[str, Callable[[dict, str], dict | None]]] = [
     ("flux", _detect_flux),
+    ("sd3", _detect_sd3),
     ("wan", _detect_wan),
 ]
 
 # Keys that identify families we know but do not implement yet: named in the error message.
 KNOWN_UNSUPPORTED = {
-    "joint_blocks.0.context_block.attn.qkv.weight": "SD3 / SD3.5 (MMDiT)",
     "t_block.1.weight": "PixArt",
     "mlp_t5.0.weight": "HunyuanDiT",
     "head.modulation": "a Wan variant other than 2.1 / 2.2-14B t2v / i2v (TI2V-5B, VACE, Fun camera, S2V)",
