@@ -1,0 +1,254 @@
+"""Flux.1-dev through the full fork path on 1 and N GPUs: API-format prompt -> executor (with the
+multi-rank lockstep) -> KSampler -> parallel plan -> model -> VAEDecode -> SaveImage PNG.
+
+    python benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu            # baseline
+    torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --config u4 --tag u4
+
+The models are full-size with random weights: the diffusion model is a Flux.1-dev state dict in the BFL
+checkpoint layout generated on the GPU and loaded by the real loader (comfy.sd.load_diffusion_model_
+state_dict: detection, dtype choice, ModelPatcher); the VAE is a full-size Flux AE state dict loaded by
+comfy.vae.VAE. Text encoding is replaced by random conditioning of T5-XXL / CLIP-L shape (it is a few
+milliseconds of a multi-second run and needs tokenizer files these machines cannot fetch). The HTTP hop
+is left out: each rank runs execution.PromptExecutor on the same prompt with the real Lockstep agreement
+points, exactly what the follower loop does after rank 0 hands it the prompt.
+
+Rank 0 appends a JSON line per run to --out with the median step time (CUDA-synchronised between
+sampler steps), the end-to-end time (execute() start -> PNG on disk) and, if --reference names a 1-GPU
+PNG, the largest 8-bit pixel difference to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FLUX_DEV = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                theta=10000, qkv_bias=True, guidance_embed=True)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def random_like_shapes(shapes: dict, device, dtype, seed: int) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        if len(shape) == 1 and ("norm" in k or k.endswith(".scale")):
+            out[k] = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            out[k] = torch.randn(shape, device=device, dtype=dtype, generator=g) * 0.02
+    return out
+
+
+class BenchRandomFlux:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "benchmark"
+
+    def load(self, seed):
+        import comfy.model_management as mm
+        import comfy.sd
+        from comfy.ldm.flux.model import Flux
+
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in Flux(**FLUX_DEV).state_dict().items()}
+        sd = random_like_shapes(shapes, mm.get_torch_device(), torch.bfloat16, seed)
+        return (comfy.sd.load_diffusion_model_state_dict(sd, source="random full-size Flux.1-dev"),)
+
+
+class BenchRandomFluxVAE:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 1, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "benchmark"
+
+    def load(self, seed):
+        import comfy.vae
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+
+        with torch.device("meta"):
+            m = AutoencoderKL(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, in_channels=3, out_ch=3,
+                              z_channels=16, quant_conv=False, post_quant_conv=False)
+            shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        sd = random_like_shapes(shapes, "cpu", torch.float32, seed)
+        return (comfy.vae.VAE(sd),)
+
+
+class BenchRandomCond:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 2, "min": 0, "max": 2**31})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "benchmark"
+
+    def encode(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, 512, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]],)
+
+
+NODES = {"BenchRandomFlux": BenchRandomFlux, "BenchRandomFluxVAE": BenchRandomFluxVAE,
+         "BenchRandomCond": BenchRandomCond}
+
+
+def prompt(size: int, steps: int) -> dict:
+    return {
+        "1": {"class_type": "BenchRandomFlux", "inputs": {"seed": 0}},
+        "2": {"class_type": "BenchRandomFluxVAE", "inputs": {"seed": 1}},
+        "3": {"class_type": "BenchRandomCond", "inputs": {"seed": 2}},
+        "4": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 42, "steps": steps, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple",
+                                                   "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["2", 0]}},
+        "8": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["7", 0]}},
+    }
+
+
+def parse_config(name: str) -> dict:
+    import re
+
+    m = re.fullmatch(r"(?:cfg(\d))?(?:u(\d+))?(?:r(\d+))?", name or "")
+    if not m:
+        raise SystemExit(f"bad --config {name!r}")
+    out = {}
+    if m.group(1):
+        out["cfg_parallel"] = True
+    if m.group(2):
+        out["ulysses_degree"] = int(m.group(2))
+    if m.group(3):
+        out["ring_degree"] = int(m.group(3))
+    if not m.group(1):
+        out["cfg_parallel"] = False
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--config", default="", help="'' (auto), uN, rN, uNrM, cfg2uN ...")
+    p.add_argument("--tag", default="run")
+    p.add_argument("--runs", type=int, default=2, help="the first run includes loading; the last is reported")
+    p.add_argument("--reference", default=None, help="1-GPU PNG to compare with")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "fork_e2e.jsonl"))
+    p.add_argument("--workdir", default="/tmp/taco-bench")
+    p.add_argument("--tiny", action="store_true", help="smoke test on CPU with a tiny Flux")
+    args = p.parse_args()
+    if args.tiny:
+        FLUX_DEV.update(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1)
+
+    import comfy.cli_args
+
+    comfy.cli_args.parse_args([])
+    import comfy.utils
+    import execution
+    import folder_paths
+    import nodes
+    from comfy.taco_dit.core import model_wrapper
+    from comfy.taco_dit.core.config_manager import ParallelConfig
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    folder_paths.set_base_path(os.path.join(args.workdir, f"{args.tag}-rank{rank}"))
+    folder_paths.create_directories()
+    nodes.init_extra_nodes(init_custom_nodes=False)
+    nodes.NODE_CLASS_MAPPINGS.update(NODES)
+
+    lockstep = None
+    if world > 1:
+        from comfy.taco_dit.core.distributed_manager import init_distributed
+        from comfy.taco_dit.core.execution_engine import FollowerServer, Lockstep, install_step_agreement
+
+        config = ParallelConfig(world_size=world, **parse_config(args.config))
+        dm = init_distributed(cpu=not torch.cuda.is_available(), follower_timeout=120.0, parallel_config=config, start_heartbeat=False)
+        lockstep = Lockstep(dm)
+        install_step_agreement(lockstep)
+        model_wrapper.set_runtime(config)
+        server = FollowerServer()
+    else:
+        from comfy.taco_dit.core.execution_engine import FollowerServer
+
+        server = FollowerServer()
+
+    # step timing: the sampler's ProgressBar passes every step through the global hook
+    stamps: list[float] = []
+    inner_setter = comfy.utils.set_progress_bar_global_hook
+
+    def timing_hook(inner):
+        def hook(value, total, preview=None, node_id=None):
+            _sync()
+            stamps.append(time.perf_counter())
+            if inner is not None:
+                return inner(value, total, preview, node_id)
+        return hook
+
+    def set_hook(function):
+        inner_setter(timing_hook(function))
+
+    comfy.utils.set_progress_bar_global_hook = set_hook
+
+    ex = execution.PromptExecutor(server, lockstep=lockstep)
+    pr = prompt(args.size, args.steps)
+    record = None
+    for run in range(args.runs):
+        stamps.clear()
+        if lockstep is not None:
+            lockstep.begin(f"bench-{run}")
+        _sync()
+        t0 = time.perf_counter()
+        ex.execute(pr, f"bench-{run}", {}, ["8"])
+        if lockstep is not None:
+            lockstep.finish(ex.success)
+        t1 = time.perf_counter()
+        if not ex.success:
+            raise SystemExit(f"rank {rank}: prompt failed: {ex.status_messages[-1]}")
+        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        img = ex.history_result["outputs"]["8"]["images"][0]
+        png = os.path.join(folder_paths.get_output_directory(), img["subfolder"], img["filename"])
+        plan = model_wrapper.last_plan()
+        record = {"date": time.strftime("%Y-%m-%d"), "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "gpus": world,
+                  "model": "flux1-dev", "width": args.size, "height": args.size, "frames": 1,
+                  "config": plan.describe() if plan and world > 1 else "1 GPU", "path": "fork", "run": run,
+                  "steps": args.steps, "step_ms": round(statistics.median(steps) * 1000, 2) if steps else None,
+                  "end_to_end_s": round(t1 - t0, 3), "png": png, "tag": args.tag}
+    if rank == 0:
+        if args.reference and os.path.isfile(args.reference):
+            import numpy as np
+            from PIL import Image
+
+            a = np.asarray(Image.open(record["png"]).convert("RGB")).astype(int)
+            b = np.asarray(Image.open(args.reference).convert("RGB")).astype(int)
+            record["max_abs_diff_vs_1gpu"] = int(np.abs(a - b).max())
+            record["mean_abs_diff_vs_1gpu"] = round(float(np.abs(a - b).mean()), 4)
+        print(json.dumps(record), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if world > 1:
+        dm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
