@@ -103,6 +103,8 @@ DETECTORS: list[tuple[str, Callable[[dict, str], dict | None]]] = [
 
 # Keys that identify families we know but do not implement yet: named in the error message.
 KNOWN_UNSUPPORTED = {
+    # only reached when the SD3 detector found its key but not the rest
+    "joint_blocks.0.context_block.attn.qkv.weight": "an incomplete SD3 / SD3.5 (MMDiT) file",
     "t_block.1.weight": "PixArt",
     "mlp_t5.0.weight": "HunyuanDiT",
     "head.modulation": "a Wan variant other than 2.1 / 2.2-14B t2v / i2v (TI2V-5B, VACE, Fun camera, S2V)",

@@ -233,3 +233,16 @@ def test_block_replace_patch_and_attention_override_are_used():
     torch.testing.assert_close(out, base, rtol=0, atol=0)
     # 3 joint attentions over [3 txt + 4 img] keys, plus block 0's image-only attn2 over 4 keys
     assert sorted(calls) == sorted([(7, 7)] * 3 + [(4, 4)])
+
+
+def test_incomplete_sd3_file_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    import comfy.sd
+
+    sd = random_mmdit_state_dict(**TINY)
+    del sd["x_embedder.proj.weight"]
+    path = tmp_path / "sd3_medium_broken.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(ValueError, match=r"sd3_medium_broken\.safetensors.*incomplete SD3"):
+        comfy.sd.load_diffusion_model(str(path))

@@ -8,10 +8,13 @@ to the Stability layout by `diffusers_to_checkpoint` when the weights are loaded
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 SD3_KEY = "joint_blocks.0.context_block.attn.qkv.weight"
 DIFFUSERS_KEYS = ("transformer_blocks.0.attn.add_q_proj.weight", "pos_embed.proj.weight")
@@ -54,14 +57,17 @@ def detect_sd3(sd: dict, prefix: str = "") -> dict | None:
     def get(name):
         return sd.get(prefix + _NAMES[name][col])
 
+    missing = [_NAMES[n][col] for n in ("patch", "pos", "final", "fc1") if get(n) is None]
+    if missing:
+        # an incomplete file: not detected, so the loader's error names the file (see KNOWN_UNSUPPORTED)
+        logger.warning("SD3 keys found but %s missing: the file is incomplete", ", ".join(missing))
+        return None
     w = get("patch")   # [hidden, in_ch, p, p]
     hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     if hidden % HEAD_DIM:
         raise ValueError(f"SD3 checkpoint: x_embedder width {hidden} is not a multiple of the head size "
                          f"{HEAD_DIM}; the file is damaged or not an SD3 / SD3.5 model")
     pe = get("pos")
-    if pe is None:
-        raise ValueError("SD3 checkpoint has no pos_embed table; the file is incomplete")
     max_size = math.isqrt(pe.shape[1])
     if max_size * max_size != pe.shape[1]:
         raise ValueError(f"SD3 checkpoint: pos_embed holds {pe.shape[1]} positions, not a square grid")
