@@ -166,3 +166,16 @@ def test_nodes_are_registered():
     save = nodes.NODE_CLASS_MAPPINGS["SaveVideo"].INPUT_TYPES()["required"]
     assert save["filename_prefix"][1]["default"] == "video/ComfyUI"
     assert save["format"][0] == ["auto", "mp4"] and save["codec"][0] == ["auto", "h264"]
+
+
+def test_comfy_api_import_paths():
+    # the paths custom node packs import the VIDEO types from, as in ComfyUI
+    from comfy_api.input import VideoInput
+    from comfy_api.input_impl import VideoFromComponents, VideoFromFile
+    from comfy_api.util import VideoCodec, VideoComponents, VideoContainer
+
+    video = VideoFromComponents(VideoComponents(images=frames(2), frame_rate=Fraction(5)))
+    assert isinstance(video, VideoInput) and issubclass(VideoFromFile, VideoInput)
+    assert VideoContainer.as_input() == ["auto", "mp4"] and VideoCodec.H264 == "h264"
+    with pytest.raises(ValueError, match="unsupported video codec 'vp9'"):
+        video.save_to("unused.mp4", codec="vp9")
