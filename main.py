@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     prepare_directories(args, clear_temp=world_size == 1 or os.environ.get("RANK", "0") == "0")
+    # One writer per host (LOCAL_RANK 0); the files land atomically, before any prompt can need them.
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        from app import demo
+
+        demo.offer_demo(enabled=not args.no_demo_models)
 
     if world_size > 1:
         from comfy.taco_dit.core import execution_engine

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-user", action="store_true")
     p.add_argument("--disable-metadata", action="store_true")
     p.add_argument("--disable-all-custom-nodes", action="store_true")
+    p.add_argument("--no-demo-models", action="store_true",
+                   help="With no model files present, do not write the small demo models and workflow.")
     p.add_argument("--whitelist-custom-nodes", type=str, nargs="+", default=[])
     p.add_argument("--dont-print-server", action="store_true")
     p.add_argument("--quick-test-for-ci", action="store_true")
