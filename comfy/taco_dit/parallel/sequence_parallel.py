@@ -110,8 +110,31 @@ def flux_forward_orig(mesh: ParallelMesh):
     return forward_orig
 
 
+def wan_forward_orig(mesh: ParallelMesh):
+    """Sequence-parallel replacement for `WanModel.forward_orig`: video tokens split after embedding,
+    self-attention through USP, text/image cross-attention local (keys are the whole context)."""
+
+    def forward_orig(model, x, t, context, clip_fea=None, freqs=None, transformer_options=None, **kwargs):
+        sp = mesh.sp
+        opts = dict(transformer_options or {})
+        tokens, e, e0, context, context_img_len, grid = model.embed(x, t, context, clip_fea)
+        if freqs is None:
+            freqs = model.rope_encode(*grid, device=x.device)
+        split = TokenSplit(tokens.shape[1], sp.size)
+        r = sp.rank_in_group
+        tokens_l = split.local(tokens, r, 1)
+        freqs_l = split.local(freqs, r, 1)
+        keep = split.keep().reshape(-1).to(x.device) if split.padded != split.length else None
+        opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+        tokens_l = model.run_blocks(tokens_l, e0, context, freqs_l, context_img_len, opts)
+        out = gather_tokens(model.final(tokens_l, e), sp, split, dim=1)
+        return model.unpatchify(out, grid)
+
+    return forward_orig
+
+
 # Family adapters, by diffusion-model class name.
-ADAPTERS = {"Flux": flux_forward_orig}
+ADAPTERS = {"Flux": flux_forward_orig, "WanModel": wan_forward_orig}
 
 
 def supports_sequence_parallel(diffusion_model: torch.nn.Module) -> bool:
