@@ -60,8 +60,13 @@ def gather_tokens(x: torch.Tensor, group: GroupHandle, split: TokenSplit, dim: i
     return group.all_gather(x, dim=dim).narrow(dim, 0, split.length)
 
 
-def make_attention_override(mesh: ParallelMesh, kv_keep: torch.Tensor | None):
-    """An `optimized_attention_override` running USP over the mesh's Ulysses and Ring groups."""
+def make_attention_override(mesh: ParallelMesh, kv_keep):
+    """An `optimized_attention_override` running USP over the mesh's Ulysses and Ring groups.
+
+    `kv_keep`: the real-token mask over the sequence group's key order (None: no padding), or a dict
+    from a call's local sequence length to such a mask, for models whose blocks attend over different
+    token sets (SD3.5-medium's second, image-only attention next to the joint one).
+    """
 
     def override(default_fn, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
                  transformer_options=None, **kwargs):
@@ -75,7 +80,8 @@ def make_attention_override(mesh: ParallelMesh, kv_keep: torch.Tensor | None):
         if not skip_reshape:
             b, _, inner = q.shape
             q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
-        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_global=kv_keep)
+        keep = kv_keep.get(q.shape[2]) if isinstance(kv_keep, dict) else kv_keep
+        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_global=keep)
         if skip_output_reshape:
             return out
         b, h, length, d = out.shape
@@ -133,8 +139,39 @@ def wan_forward_orig(mesh: ParallelMesh):
     return forward_orig
 
 
+def mmdit_forward_orig(mesh: ParallelMesh):
+    """Sequence-parallel replacement for `MMDiT.forward_orig` (SD3 / SD3.5): image and text tokens split
+    after embedding, joint attention (and 3.5-medium's image-only attention) through USP, ControlNet
+    residuals split like the image tokens, final-layer tokens gathered."""
+
+    def forward_orig(model, x, timesteps, context=None, y=None, control=None, transformer_options=None):
+        sp = mesh.sp
+        r = sp.rank_in_group
+        opts = dict(transformer_options or {})
+        x, context, c = model.embed(x, timesteps, context, y)
+        s_img = TokenSplit(x.shape[1], sp.size)
+        x_l = s_img.local(x, r, 1)
+        img_keep = s_img.keep().reshape(-1).to(x.device) if s_img.padded != s_img.length else None
+        keep = {s_img.chunk: img_keep}
+        ctx_l = None
+        if context is not None:
+            s_txt = TokenSplit(context.shape[1], sp.size)
+            ctx_l = s_txt.local(context, r, 1)
+            padded = img_keep is not None or s_txt.padded != s_txt.length
+            keep[s_txt.chunk + s_img.chunk] = \
+                torch.cat((s_txt.keep(), s_img.keep()), dim=1).reshape(-1).to(x.device) if padded else None
+        opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+        if isinstance(control, dict) and control.get("output") is not None:
+            control = dict(control)
+            control["output"] = [None if t is None else s_img.local(t, r, 1) for t in control["output"]]
+        x_l = model.run_joint_blocks(x_l, ctx_l, c, control, opts)
+        return gather_tokens(model.final(x_l, c), sp, s_img, dim=1)
+
+    return forward_orig
+
+
 # Family adapters, by diffusion-model class name.
-ADAPTERS = {"Flux": flux_forward_orig, "WanModel": wan_forward_orig}
+ADAPTERS = {"Flux": flux_forward_orig, "WanModel": wan_forward_orig, "MMDiT": mmdit_forward_orig}
 
 
 def supports_sequence_parallel(diffusion_model: torch.nn.Module) -> bool:
