@@ -195,10 +195,11 @@ def make_base(base: str) -> str:
 
 def launch(base: str, port: int, nproc: int, extra_torchrun: list[str] | None = None,
            extra_main: list[str] | None = None, log_name: str = "torchrun.log",
-           env_extra: dict | None = None) -> subprocess.Popen:
+           env_extra: dict | None = None, cpu: bool = True) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", TACO_TEST_MARKERS=os.path.join(base, "markers"),
                PYTHONUNBUFFERED="1", **(env_extra or {}))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if cpu:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
     if nproc == 0:  # plain `python main.py`: the one-process path
         torchrun = [sys.executable]
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -206,7 +207,8 @@ def launch(base: str, port: int, nproc: int, extra_torchrun: list[str] | None = 
     else:
         torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                     "--monitor-interval=0.5"] + (extra_torchrun if extra_torchrun is not None else ["--standalone"])
-    cmd = torchrun + [os.path.join(ROOT, "main.py"), "--cpu", "--port", str(port), "--base-directory", base,
+    cmd = torchrun + [os.path.join(ROOT, "main.py")] + (["--cpu"] if cpu else []) + [
+                      "--port", str(port), "--base-directory", base,
                       "--taco-follower-timeout", "3", "--dont-print-server"] + (extra_main or [])
     log = open(os.path.join(base, log_name), "ab")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

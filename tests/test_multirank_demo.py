@@ -33,13 +33,13 @@ def _write_demo_models(models_dir: str) -> None:
     mod.write_demo_models(models_dir, seed=0)
 
 
-def _run_demo(base: str, nproc: int, extra_main: list[str] | None = None) -> tuple[str, dict]:
+def _run_demo(base: str, nproc: int, extra_main: list[str] | None = None, cpu: bool = True) -> tuple[str, dict]:
     make_base(base)
     _write_demo_models(os.path.join(base, "models"))
     with open(os.path.join(ROOT, "demo", "flux_demo_api.json")) as f:
         prompt = json.load(f)
     port = free_port()
-    proc = launch(base, port, nproc, extra_main=extra_main)
+    proc = launch(base, port, nproc, extra_main=extra_main, cpu=cpu)
     log = os.path.join(base, "torchrun.log")
     try:
         wait_ready(port, proc, log=log)
@@ -56,6 +56,7 @@ def _run_demo(base: str, nproc: int, extra_main: list[str] | None = None) -> tup
         ran = [r for r in range(1, nproc) if f"[rank {r}] " in text and f"Prompt {pid} ran 9 node(s)" in
                "\n".join(line for line in text.splitlines() if line.startswith(f"[rank {r}] "))]
         assert ran == list(range(1, nproc)), f"followers that ran the prompt: {ran}"
+        assert "TACO-DiT plan for" not in text  # no parallel plan was applied: pure lockstep
     except BaseException as e:
         raise AssertionError(f"{nproc} rank(s): {e}\n--- log ---\n{tail(log, 12000)}") from e
     finally:
@@ -65,9 +66,11 @@ def _run_demo(base: str, nproc: int, extra_main: list[str] | None = None) -> tup
 
 def test_demo_workflow_byte_identical_on_1_2_4_ranks(tmp_path):
     one, info1 = _run_demo(str(tmp_path / "r1"), 0)
-    two, info2 = _run_demo(str(tmp_path / "r2"), 2)
-    # --taco-parallel off: the YAML/flag path that forces pure lockstep.
-    four, info4 = _run_demo(str(tmp_path / "r4"), 4, extra_main=["--taco-parallel", "off"])
+    # Pure lockstep, through both ways of asking for it: the flag, and the YAML file.
+    two, info2 = _run_demo(str(tmp_path / "r2"), 2, extra_main=["--taco-parallel", "off"])
+    yaml_path = tmp_path / "taco_dit_config.yaml"
+    yaml_path.write_text("parallel:\n  enabled: false\n")
+    four, info4 = _run_demo(str(tmp_path / "r4"), 4, extra_main=["--taco-config", str(yaml_path)])
     assert two == one and four == one
     # One image per run: followers wrote only into their scratch dirs.
     assert info1["outputs"] == info2["outputs"] == info4["outputs"] == ["taco-demo-flux_00001_.png"]

@@ -676,6 +676,9 @@ def run(args, start_server, cache_settings=None) -> None:
     except ConfigError as e:
         log.error("TACO-DiT configuration refused: %s", e)
         sys.exit(2)
+    from comfy.taco_dit.core import model_wrapper
+
+    model_wrapper.set_runtime(config)  # the sampler reads it to plan each run's parallel layout
     if config.lockstep_only:
         log.info("TACO-DiT: %d ranks in pure lockstep (no parallel strategy enabled)", world_size)
     leader = Leader(None, None, args)
@@ -691,6 +694,9 @@ def run(args, start_server, cache_settings=None) -> None:
     install_step_agreement(lockstep)
     global _RUNTIME
     _RUNTIME = Runtime(dm, config, lockstep)
+    from comfy.taco_dit.core import model_wrapper
+
+    model_wrapper.set_runtime(config)  # the sampler's parallel plan starts from this validated config
     if dm.rank != 0:
         cache = cache_settings(args) if cache_settings is not None else ("classic", {})
         code = follower_loop(args, dm, lockstep, cache=cache)
