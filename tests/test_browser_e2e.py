@@ -90,9 +90,14 @@ def test_demo_workflow_runs_from_the_ui(demo_server):
             page.wait_for_function("() => window.app?.graph?.nodes?.some(n => n.type === 'UNETLoader')",
                                    timeout=30_000)
             page.get_by_role("button", name="Run", exact=True).click()
+            # The finished job's thumbnail in the queue notification banner is an <img> in the DOM.
             img = page.locator("img[src*='/api/view'][src*='taco-demo-flux_00001_.png']").first
             img.wait_for(state="visible", timeout=90_000)
             src = img.get_attribute("src")
+            # The Save Image node's own preview is painted on the canvas; read the node's image list.
+            page.wait_for_function("() => (window.app.graph.getNodeById(9)?.imgs || [])"
+                                   ".some(i => i.src.includes('/api/view') && i.src.includes('taco-demo-flux_00001_.png'))",
+                                   timeout=30_000)
         except Exception as e:
             page.screenshot(path=shot, full_page=True)
             raise AssertionError(f"UI run failed: {type(e).__name__}: {e}\nscreenshot: {shot}\n"
