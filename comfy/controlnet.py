@@ -27,8 +27,8 @@ def _main_block_counts(diffusion_model) -> dict[str, int]:
     """How many blocks of the main model each residual list addresses."""
     if hasattr(diffusion_model, "double_blocks"):
         return {"input": len(diffusion_model.double_blocks), "output": len(diffusion_model.single_blocks)}
-    if hasattr(diffusion_model, "joint_blocks"):
-        return {"input": len(diffusion_model.joint_blocks), "output": 0}
+    if hasattr(diffusion_model, "joint_blocks"):  # MMDiT takes its residuals as control["output"]
+        return {"input": 0, "output": len(diffusion_model.joint_blocks)}
     raise ValueError(f"{type(diffusion_model).__name__} takes no ControlNet residuals")
 
 
@@ -178,6 +178,7 @@ class ControlNet(ControlBase):
         timestep = ms.timestep(t).float()
         context = cond.get("c_crossattn")
         kwargs = dict(self.extra_hint_kwargs)
+        kwargs["main_model"] = model.diffusion_model  # SD3.5 ControlNets start from its patch embedding
         for name in ("y", "guidance"):
             if cond.get(name) is not None:
                 kwargs[name] = cond[name] if name == "guidance" else cond[name].to(dtype)
@@ -199,13 +200,16 @@ class ControlNet(ControlBase):
 
 def _expand(residuals, n_main: int, repeat_mode: str) -> list:
     """Lay n controlnet residuals over n_main main-model blocks: 'cycle' gives block i residual i % n
-    (XLabs), 'interval' gives it residual i // ceil(n_main / n) (InstantX, SD3.5)."""
+    (XLabs), 'interval' residual i // ceil(n_main / n) (Flux InstantX), 'ratio' int(i / (n_main / n)) (SD3)."""
     residuals = list(residuals)
     if not residuals or n_main == 0:
         return []
     n = len(residuals)
     if repeat_mode == "cycle":
         return [residuals[i % n] for i in range(n_main)]
+    if repeat_mode == "ratio":
+        step = n_main / n
+        return [residuals[int(i / step)] if int(i / step) < n else None for i in range(n_main)]
     interval = -(-n_main // n)
     return [residuals[i // interval] if i // interval < n else None for i in range(n_main)]
 
