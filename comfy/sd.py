@@ -133,6 +133,13 @@ load_unet = load_diffusion_model
 load_unet_state_dict = load_diffusion_model_state_dict
 
 
+def load_lora_for_models(model, clip, lora, strength_model, strength_clip, name: str = "LoRA"):
+    """ComfyUI's entry point (custom packs call comfy.sd.load_lora_for_models); lives in comfy.lora."""
+    import comfy.lora
+
+    return comfy.lora.load_lora_for_models(model, clip, lora, strength_model, strength_clip, name=name)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Text encoders
 
