@@ -318,6 +318,9 @@ def load_lora(lora: dict, to_load: dict, log_missing: bool = True) -> dict:
             loaded.add(alpha_key)
         dora_key = f"{x}.dora_scale"
         dora = lora.get(dora_key)
+        if dora is not None:
+            # weight decomposition is not implemented: the plain low-rank delta is applied without it
+            logger.warning("LoRA key %s is DoRA; its dora_scale is ignored (applied as a plain LoRA)", x)
         for up_s, down_s in _LORA_SUFFIXES:
             up_k, down_k = x + up_s, x + down_s
             if up_k in lora and down_k in lora:
