@@ -16,12 +16,23 @@ from comfy.taco_dit.core.config_manager import (
 )
 
 
-def test_defaults_are_auto_and_lockstep():
+def test_defaults_are_auto():
     c = ParallelConfig(world_size=4)
     assert c.enabled == AUTO and c.cfg_parallel == AUTO and c.ulysses_degree == AUTO
     assert c.pipeline_parallel is False and c.tensor_parallel is False
-    assert c.lockstep_only
+    assert not c.lockstep_only  # auto: the planner decides per model
     assert c.strategies_requested() == []
+    assert ParallelConfig(world_size=1).lockstep_only
+
+
+def test_every_strategy_off_is_lockstep():
+    assert ParallelConfig(world_size=4, cfg_parallel=False, sequence_parallel=False).lockstep_only
+    assert ParallelConfig(world_size=4, cfg_parallel=False, ulysses_degree=1, ring_degree=1).lockstep_only
+    assert not ParallelConfig(world_size=4, cfg_parallel=False).lockstep_only
+
+
+def test_optimization_defaults():
+    c = ParallelConfig(world_size=4)
     assert c.optimization.use_cache is True and c.optimization.use_torch_compile is False
 
 
@@ -64,15 +75,21 @@ def test_sequence_parallel_false_with_degree_refused():
         ParallelConfig(world_size=2, sequence_parallel=False, ulysses_degree=2, ring_degree=1)
 
 
-def test_degrees_must_multiply_to_world_size_and_message_lists_everything():
+def test_degrees_must_divide_world_size_and_message_lists_everything():
     with pytest.raises(ConfigError) as e:
-        ParallelConfig(world_size=4, cfg_parallel=True, ulysses_degree=1, ring_degree=1)
+        ParallelConfig(world_size=6, cfg_parallel=True, ulysses_degree=2, ring_degree=2)
     msg = str(e.value)
     # ParallelDims-style: every degree and the world size, plus what would work.
-    for part in ("cfg=2", "sequence=1", "world_size 4", "ulysses 1", "ring 1", "pipeline_parallel_degree",
-                 "tensor_parallel_degree", "cfg_parallel: true with sequence_parallel_degree: 2",
-                 "--nproc_per_node=2"):
+    for part in ("cfg=2 * sequence=4 = 8", "world_size 6", "ulysses 2", "ring 2", "pipeline_parallel_degree",
+                 "tensor_parallel_degree", "cfg_parallel: true with sequence_parallel_degree: 3",
+                 "sequence_parallel_degree: 6", "--nproc_per_node=8"):
         assert part in msg, (part, msg)
+
+
+def test_remaining_factor_is_data_parallel():
+    # cfg 2 on 4 ranks: two CFG pairs (data parallel 2), valid.
+    c = ParallelConfig(world_size=4, cfg_parallel=True, ulysses_degree=1, ring_degree=1)
+    assert c.cfg_degree == 2 and c.sequence_parallel_degree == 1
 
 
 def test_degrees_larger_than_world_refused():

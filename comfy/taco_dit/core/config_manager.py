@@ -105,8 +105,9 @@ class OptimizationConfig:
 class ParallelConfig:
     """How the ranks of one job divide the work. Validated on construction.
 
-    With `enabled: false`, or when no strategy is switched on, all ranks run the same work in lockstep
-    (every rank computes the whole image; rank 0 serves the results).
+    With `enabled: false`, or with every strategy switched off, all ranks run the same work in lockstep
+    (every rank computes the whole image; rank 0 serves the results). "auto" values leave the choice
+    to the planner at sampling time (comfy/taco_dit/core/model_wrapper.py).
     """
 
     world_size: int = 1
@@ -216,20 +217,18 @@ class ParallelConfig:
         return "; ".join(options)
 
     def _check_world_size(self) -> None:
+        """The fixed degrees must divide the world size; the remaining factor runs as data parallel (or
+        lockstep replicas), so cfg 2 on 4 ranks is two CFG pairs, not an error."""
         fixed = self._fixed_degrees()
         product = 1
         for value in fixed.values():
             product *= value
         shown = " * ".join(f"{k}={v}" for k, v in fixed.items()) or "1"
-        all_fixed = "cfg" in fixed and "sequence" in fixed
         if product > self.world_size or self.world_size % product:
             raise ConfigError(f"Parallel degrees {shown} = {product} do not fit world_size {self.world_size} "
-                              f"({self.describe()}). With {self.world_size} rank(s) these would work: "
-                              f"{self._suggestions()}; or launch with --nproc_per_node={product}.")
-        if all_fixed and product != self.world_size:
-            raise ConfigError(f"Parallel degrees {shown} = {product} must multiply to world_size "
-                              f"{self.world_size} ({self.describe()}). With {self.world_size} rank(s) these "
-                              f"would work: {self._suggestions()}; or launch with --nproc_per_node={product}.")
+                              f"({self.describe()}): their product must divide the number of ranks. With "
+                              f"{self.world_size} rank(s) these would work: {self._suggestions()}; or launch "
+                              f"with --nproc_per_node={product}.")
 
     # -- queries ------------------------------------------------------------------------------------------
 
@@ -254,10 +253,12 @@ class ParallelConfig:
 
     @property
     def lockstep_only(self) -> bool:
-        """True when every rank runs the whole graph unsplit: parallelism off or nothing to split."""
+        """True when every rank runs the whole graph unsplit: parallelism off, or every strategy switched
+        off. "auto" is not lockstep: the sampler's planner may pick strategies per model."""
         if self.world_size == 1 or self.enabled is False:
             return True
-        return not self.strategies_requested() and self.enabled is not True
+        sp_off = self.sequence_parallel is False or self.sequence_parallel_degree == 1
+        return self.cfg_parallel is False and sp_off
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

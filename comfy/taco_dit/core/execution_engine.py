@@ -680,7 +680,10 @@ def run(args, start_server, cache_settings=None) -> None:
 
     model_wrapper.set_runtime(config)  # the sampler reads it to plan each run's parallel layout
     if config.lockstep_only:
-        log.info("TACO-DiT: %d ranks in pure lockstep (no parallel strategy enabled)", world_size)
+        log.info("TACO-DiT: %d ranks in pure lockstep (parallel strategies off)", world_size)
+    else:
+        log.info("TACO-DiT: %d ranks; parallel strategies chosen at sampling time (%s)", world_size,
+                 config.describe())
     leader = Leader(None, None, args)
     rank = int(os.environ.get("RANK", "0"))
 
