@@ -78,6 +78,15 @@ async def _scenario(port: int, base: str, markers: str, proc) -> dict:
         pid = await submit(steps_prompt("after_intr", steps=2, seed=5))
         out["after_interrupt"] = await history(pid)
 
+        # /free is applied after the next prompt on every rank (followers get it as a work item); the
+        # prompt after that must still run in step with caches dropped everywhere.
+        async with s.post(f"{url}/free", json={"unload_models": True, "free_memory": True}) as r:
+            assert r.status == 200
+        pid = await submit(steps_prompt("before_free", steps=2, seed=8))
+        out["before_free"] = await history(pid)
+        pid = await submit(steps_prompt("after_free", steps=2, seed=8))
+        out["after_free"] = await history(pid)
+
         # 4. Kill the follower mid-prompt, with another prompt queued behind.
         for name in os.listdir(markers):
             os.remove(os.path.join(markers, name))
@@ -129,6 +138,13 @@ def test_server_two_ranks_errors_interrupt_and_killed_follower(tmp_path):
     assert "execution_interrupted" in _messages_of(out["interrupt"]["status"]), out["interrupt"]
     assert out["after_interrupt"]["status"]["status_str"] == "success"
 
+    assert out["before_free"]["status"]["status_str"] == "success"
+    assert out["after_free"]["status"]["status_str"] == "success"
+    # Same inputs as the prompt before /free, but the caches were dropped: it ran again (not cached).
+    assert "execution_cached" in _messages_of(out["after_free"]["status"])
+    cached = [m[1]["nodes"] for m in out["after_free"]["status"]["messages"] if m[0] == "execution_cached"][0]
+    assert cached == [], cached
+
     assert out["kill_error"] is not None, "no execution_error after killing the follower"
     assert out["kill_error_after"] < 60
     assert out["survivor"]["status"]["status_str"] == "success", out["survivor"]
@@ -136,4 +152,4 @@ def test_server_two_ranks_errors_interrupt_and_killed_follower(tmp_path):
     # Side effects once: the real output dir has exactly rank 0's images of the successful prompts.
     files = sorted(os.listdir(os.path.join(base, "output")))
     prefixes = sorted(f.split("_")[0] for f in files if f.endswith(".png"))
-    assert prefixes == ["after", "after", "ok", "survivor"], files
+    assert prefixes == ["after", "after", "after", "before", "ok", "survivor"], files
