@@ -273,3 +273,49 @@ class WAN21(BaseModel):
             fea = clip_vision_output.penultimate_hidden_states
             out["clip_fea"] = fea.to(device) if device is not None else fea
         return out
+
+
+class PixArt(BaseModel):
+    """PixArt-α / Σ: EPS prediction on the DDPM schedule; T5 tokens as c_crossattn. α also takes the image
+    size (``c_size`` [[height, width]] in pixels) and aspect ratio (``c_ar`` [[height / width]])."""
+
+    def __init__(self, model_config, model_type: ModelType = ModelType.EPS, device=None):
+        from comfy.ldm.pixart.model import PixArtMS
+
+        super().__init__(model_config, model_type, device=device, unet_model=PixArtMS)
+
+    def extra_conds(self, **kwargs) -> dict:
+        out = super().extra_conds(**kwargs)
+        width, height = kwargs.get("width"), kwargs.get("height")
+        if self.diffusion_model.micro_condition and width is not None and height is not None:
+            device = kwargs.get("device")
+            out["c_size"] = torch.tensor([[float(height), float(width)]], device=device)
+            out["c_ar"] = torch.tensor([[kwargs.get("aspect_ratio", height / width)]], dtype=torch.float32,
+                                       device=device)
+        return out
+
+
+class HunyuanDiT(BaseModel):
+    """HunyuanDiT: V prediction on the SD discrete schedule. c_crossattn is the BERT (CLIP) tokens; the
+    conditioning entry also carries ``attention_mask``, ``conditioning_mt5xl`` and ``attention_mask_mt5xl``;
+    ``image_meta_size`` [[height, width, target_height, target_width, 0, 0]] (pixels) feeds v1.0."""
+
+    def __init__(self, model_config, model_type: ModelType = ModelType.V_PREDICTION, device=None):
+        from comfy.ldm.hydit.model import HunYuanDiT
+
+        super().__init__(model_config, model_type, device=device, unet_model=HunYuanDiT)
+
+    def extra_conds(self, **kwargs) -> dict:
+        out = super().extra_conds(**kwargs)
+        device = kwargs.get("device")
+        for src, dst in (("attention_mask", "text_embedding_mask"),
+                         ("conditioning_mt5xl", "encoder_hidden_states_t5"),
+                         ("attention_mask_mt5xl", "text_embedding_mask_t5")):
+            value = kwargs.get(src)
+            if value is not None:
+                out[dst] = value.to(device) if device is not None else value
+        width, height = kwargs.get("width", 768), kwargs.get("height", 768)
+        target_w, target_h = kwargs.get("target_width", width), kwargs.get("target_height", height)
+        out["image_meta_size"] = torch.tensor([[height, width, target_h, target_w, 0, 0]], dtype=torch.float32,
+                                              device=device)
+        return out

@@ -94,19 +94,31 @@ def _detect_wan(sd: dict, prefix: str) -> dict | None:
     return detect_wan(sd, prefix)
 
 
+def _detect_pixart(sd: dict, prefix: str) -> dict | None:
+    from comfy.ldm.pixart.detect import detect_pixart  # PixArt-α / Σ, released checkpoint layout
+
+    return detect_pixart(sd, prefix)
+
+
+def _detect_hydit(sd: dict, prefix: str) -> dict | None:
+    from comfy.ldm.hydit.detect import detect_hydit  # HunyuanDiT v1.0 / v1.1 / v1.2, released layout
+
+    return detect_hydit(sd, prefix)
+
+
 # (family, detector). Order matters only where key sets overlap; more specific families go first.
 DETECTORS: list[tuple[str, Callable[[dict, str], dict | None]]] = [
     ("flux", _detect_flux),
     ("sd3", _detect_sd3),
     ("wan", _detect_wan),
+    ("pixart", _detect_pixart),
+    ("hydit", _detect_hydit),
 ]
 
 # Keys that identify families we know but do not implement yet: named in the error message.
 KNOWN_UNSUPPORTED = {
     # only reached when the SD3 detector found its key but not the rest
     "joint_blocks.0.context_block.attn.qkv.weight": "an incomplete SD3 / SD3.5 (MMDiT) file",
-    "t_block.1.weight": "PixArt",
-    "mlp_t5.0.weight": "HunyuanDiT",
     "head.modulation": "a Wan variant other than 2.1 / 2.2-14B t2v / i2v (TI2V-5B, VACE, Fun camera, S2V)",
     "distilled_guidance_layer.in_proj.weight": "Chroma",
     "txt_in.individual_token_refiner.blocks.0.norm1.weight": "HunyuanVideo",

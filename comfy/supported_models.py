@@ -147,7 +147,67 @@ class WAN21_FLF2V(WAN21_I2V):
     unet_config = {"image_model": "wan2.1", "model_type": "flf2v", "in_dim": 36}
 
 
-models: list[type[BASE]] = [Flux, FluxSchnell, SD3, WAN21_T2V, WAN21_I2V, WAN21_FLF2V]
+class PixArtAlpha(BASE):
+    """PixArt-α: EPS on the linear DDPM betas 1e-4..0.02 (ComfyUI's "sqrt_linear"), SD1.5 latents, T5-XXL."""
+
+    unet_config = {"image_model": "pixart_alpha"}
+    sampling_settings = {"beta_schedule": "sqrt_linear", "linear_start": 0.0001, "linear_end": 0.02}
+    latent_format = comfy.latent_formats.SD15
+    memory_usage_factor = 0.5
+    supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    text_encoder_key_prefix = ["text_encoders."]
+    vae_key_prefix = ["vae.", "first_stage_model."]
+    text_encoders = {"t5xxl": "text_encoders.t5xxl.transformer."}
+    clip_type = "pixart"
+
+    def model_type(self, state_dict=None, prefix=""):
+        return comfy.model_base.ModelType.EPS
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return comfy.model_base.PixArt(self, model_type=self.model_type(state_dict, prefix), device=device)
+
+    def process_unet_state_dict(self, state_dict: dict) -> dict:
+        # the stored pos_embed is the fixed sin-cos table at the base size; the network recomputes it
+        return {k: v for k, v in state_dict.items() if k != "pos_embed"}
+
+
+class PixArtSigma(PixArtAlpha):
+    """PixArt-Σ: as α with the SDXL VAE's latents."""
+
+    unet_config = {"image_model": "pixart_sigma"}
+    latent_format = comfy.latent_formats.SDXL
+
+
+class HunyuanDiT(BASE):
+    """HunyuanDiT v1.0: V prediction, scaled-linear betas 0.00085..0.018, SDXL latents, BERT + mT5-XL."""
+
+    unet_config = {"image_model": "hydit"}
+    sampling_settings = {"linear_start": 0.00085, "linear_end": 0.018}
+    latent_format = comfy.latent_formats.SDXL
+    memory_usage_factor = 1.3
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    text_encoder_key_prefix = ["text_encoders."]
+    vae_key_prefix = ["vae.", "first_stage_model."]
+    text_encoders = {"hydit_clip": "text_encoders.hydit_clip.transformer.",
+                     "mt5xl": "text_encoders.mt5xl.transformer."}
+    clip_type = "hunyuan_dit"
+
+    def model_type(self, state_dict=None, prefix=""):
+        return comfy.model_base.ModelType.V_PREDICTION
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return comfy.model_base.HunyuanDiT(self, model_type=self.model_type(state_dict, prefix), device=device)
+
+
+class HunyuanDiT1(HunyuanDiT):
+    """HunyuanDiT v1.1 / v1.2: no size/style conditions; betas end at 0.03."""
+
+    unet_config = {"image_model": "hydit1"}
+    sampling_settings = {"linear_start": 0.00085, "linear_end": 0.03}
+
+
+models: list[type[BASE]] = [Flux, FluxSchnell, SD3, WAN21_T2V, WAN21_I2V, WAN21_FLF2V, PixArtAlpha, PixArtSigma,
+                            HunyuanDiT, HunyuanDiT1]
 
 
 def model_config_for(unet_config: dict, state_dict: dict | None = None, prefix: str = "") -> BASE | None:

@@ -30,8 +30,9 @@ __all__ = ["CLIP", "load_text_encoders", "detect_text_encoder", "write_small_tok
 
 logger = logging.getLogger(__name__)
 
-CLIP_TYPES = ("stable_diffusion", "flux", "sd3", "wan")
-_MODULE_NAMES = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl", "umt5xxl": "umt5xxl"}
+CLIP_TYPES = ("stable_diffusion", "flux", "sd3", "wan", "pixart", "hunyuan_dit")
+_MODULE_NAMES = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl", "umt5xxl": "umt5xxl", "hydit_clip": "hydit_clip",
+                 "mt5xl": "mt5xl"}
 
 
 @dataclasses.dataclass
@@ -225,6 +226,13 @@ def load_text_encoders(state_dicts: list[dict], clip_type: str = "stable_diffusi
     names = list(names or [f"text encoder {i}" for i in range(len(state_dicts))])
     device = device or mm.text_encoder_device()
     dtype = dtype or mm.text_encoder_dtype(device)
+    if clip_type in ("pixart", "hunyuan_dit"):
+        # their encoder sets (T5 with a mask and no pooled; BERT + mT5-XL) live in their own modules
+        if clip_type == "pixart":
+            from comfy.text_encoders.pixart import load_pixart_clip as family_loader
+        else:
+            from comfy.text_encoders.hydit import load_hydit_clip as family_loader
+        return family_loader(state_dicts, names, device, dtype)
 
     found = []  # (kind, sd, name)
     for sd, name in zip(state_dicts, names):

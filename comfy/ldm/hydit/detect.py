@@ -17,6 +17,13 @@ def detect_hydit(sd: dict, prefix: str = "") -> dict | None:
         return None
     from comfy.model_detection import count_blocks
 
+    needed = ("blocks.0.attn1.q_norm.weight", "blocks.0.mlp.fc1.weight", "blocks.0.attn2.kv_proj.weight",
+              "pooler.positional_embedding", "pooler.c_proj.weight", "extra_embedder.0.weight",
+              "text_embedding_padding", "final_layer.linear.weight")
+    missing = [k for k in needed if f"{prefix}{k}" not in sd]
+    if missing:
+        raise ValueError(f"incomplete HunyuanDiT transformer: it has mlp_t5.0.weight but lacks {', '.join(missing)}")
+
     proj = sd[f"{prefix}x_embedder.proj.weight"]
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     head_dim = sd[f"{prefix}blocks.0.attn1.q_norm.weight"].shape[0]

@@ -17,6 +17,11 @@ def detect_pixart(sd: dict, prefix: str = "") -> dict | None:
         return None
     from comfy.model_detection import count_blocks
 
+    needed = ("blocks.0.mlp.fc1.weight", "y_embedder.y_proj.fc1.weight", "final_layer.linear.weight")
+    missing = [k for k in needed if f"{prefix}{k}" not in sd]
+    if missing:
+        raise ValueError(f"incomplete PixArt transformer: it has t_block.1.weight but lacks {', '.join(missing)}")
+
     proj = sd[f"{prefix}x_embedder.proj.weight"]
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     if hidden % HEAD_DIM:
