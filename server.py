@@ -202,6 +202,31 @@ def encode_preview(image_data: tuple) -> tuple[int, str, bytes]:
     return 1, "image/jpeg", buf.getvalue()
 
 
+def _package_versions() -> list[dict]:
+    """[{name, installed, required}] for the pinned UI packages: the frontend reads this list to warn
+    about outdated packages (a dict here makes it throw)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    required: dict[str, str] = {}
+    req = os.path.join(os.path.dirname(os.path.realpath(__file__)), "requirements.txt")
+    try:
+        with open(req, encoding="utf-8") as f:
+            for line in f:
+                name, sep, pin = line.split("#")[0].strip().partition("==")
+                if sep and name.startswith("comfyui-"):
+                    required[name] = pin.strip()
+    except OSError:
+        pass
+    out = []
+    for name, pin in sorted(required.items()):
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = ""
+        out.append({"name": name, "installed": installed, "required": pin})
+    return out
+
+
 class PromptServer:
     instance: PromptServer | None = None
 
@@ -877,13 +902,7 @@ class PromptServer:
         if device.type == "cuda":
             torch_total = torch.cuda.memory_reserved(device)
             torch_free = torch_total - torch.cuda.memory_allocated(device)
-        try:
-            from importlib.metadata import version
-            package_versions = {"comfyui-frontend-package": frontend_management.installed_frontend_version(),
-                                "comfyui-workflow-templates": frontend_management.installed_templates_version(),
-                                "aiohttp": version("aiohttp"), "torch": torch.__version__}
-        except Exception:  # metadata lookups are informational only
-            package_versions = {}
+        package_versions = _package_versions()
         vm = psutil.virtual_memory()
         return {
             "system": {

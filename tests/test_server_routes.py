@@ -110,6 +110,10 @@ async def test_system_stats_and_features(srv):
                 "pytorch_version", "embedded_python", "argv"):
         assert key in system
     assert system["required_frontend_version"] == "1.58.1"
+    # the frontend iterates this as a list of {name, installed, required} (a dict makes it throw)
+    versions = {p["name"]: p for p in system["comfy_package_versions"]}
+    assert versions["comfyui-frontend-package"] == {"name": "comfyui-frontend-package", "installed": "1.58.1",
+                                                    "required": "1.58.1"}
     dev = stats["devices"][0]
     assert {"name", "type", "index", "vram_total", "vram_free", "torch_vram_total", "torch_vram_free"} <= set(dev)
     features = await (await client.get("/api/features")).json()
