@@ -170,8 +170,50 @@ def mmdit_forward_orig(mesh: ParallelMesh):
     return forward_orig
 
 
-# Family adapters, by diffusion-model class name.
-ADAPTERS = {"Flux": flux_forward_orig, "WanModel": wan_forward_orig, "MMDiT": mmdit_forward_orig}
+def _run_split(mesh: ParallelMesh, model, x, run, transformer_options):
+    """Split the image tokens, call `run(x_chunk, split, rank, options)` with the USP override, gather.
+    Used where gathering before the (cheap) final layer costs nothing that matters."""
+    sp = mesh.sp
+    r = sp.rank_in_group
+    split = TokenSplit(x.shape[1], sp.size)
+    keep = split.keep().reshape(-1).to(x.device) if split.padded != split.length else None
+    opts = dict(transformer_options or {})
+    opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+    return gather_tokens(run(split.local(x, r, 1), split, r, opts), sp, split, dim=1)
+
+
+def pixart_run_blocks(mesh: ParallelMesh):
+    """PixArt `run_blocks(x, y, t0, mask, transformer_options)`: caption y, adaLN t0 and the caption
+    mask stay whole on every rank (cross-attention is local)."""
+
+    def run_blocks(model, x, y, t0, mask=None, transformer_options=None):
+        return _run_split(mesh, model, x, lambda x_l, split, r, opts: type(model).run_blocks(
+            model, x_l, y, t0, mask, opts), transformer_options)
+
+    return run_blocks
+
+
+def hydit_run_blocks(mesh: ParallelMesh):
+    """HunyuanDiT `run_blocks(x, c, text_states, rope, transformer_options)`: rope = (cos, sin) has one
+    row per image token and is split with them; the long skips stay within each rank's tokens."""
+
+    def run_blocks(model, x, c, text_states, rope, transformer_options=None):
+        cos, sin = rope
+        return _run_split(mesh, model, x, lambda x_l, split, r, opts: type(model).run_blocks(
+            model, x_l, c, text_states, (split.local(cos, r, 0), split.local(sin, r, 0)), opts),
+            transformer_options)
+
+    return run_blocks
+
+
+# Family adapters, by diffusion-model class name: (the method they replace, factory).
+ADAPTERS = {
+    "Flux": ("forward_orig", flux_forward_orig),
+    "WanModel": ("forward_orig", wan_forward_orig),
+    "MMDiT": ("forward_orig", mmdit_forward_orig),
+    "PixArtMS": ("run_blocks", pixart_run_blocks),
+    "HunYuanDiT": ("run_blocks", hydit_run_blocks),
+}
 
 
 def supports_sequence_parallel(diffusion_model: torch.nn.Module) -> bool:
@@ -194,7 +236,7 @@ def apply_sequence_parallel(model_patcher, mesh: ParallelMesh):
         raise ValueError(f"Ulysses degree {mesh.ulysses.size} does not divide {name}'s {heads} heads; "
                          f"use a Ulysses degree that divides {heads} and put the rest in ring degree")
     patched = model_patcher.clone()
-    fn = ADAPTERS[name](mesh)
-    patched.add_object_patch("diffusion_model.forward_orig", fn.__get__(dm, type(dm)))
+    method, factory = ADAPTERS[name]
+    patched.add_object_patch(f"diffusion_model.{method}", factory(mesh).__get__(dm, type(dm)))
     logging.debug("Sequence parallel on %s: ulysses=%d ring=%d", name, mesh.ulysses.size, mesh.ring.size)
     return patched
