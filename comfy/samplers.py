@@ -550,9 +550,16 @@ class CFGGuider:
         noise = noise.to(device)
         latent_image = latent_image.to(device)
         sigmas = sigmas.to(device)
+        from comfy.taco_dit.core.model_wrapper import last_plan
+        from comfy.taco_dit.utils.performance_monitor import SamplingMonitor
+
+        plan = last_plan() if patcher is not self.model_patcher else None
+        monitor = SamplingMonitor(device, plan.describe() if plan is not None else "")
         try:
-            return self.inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask, callback,
-                                     disable_pbar, seed)
+            out = self.inner_sample(noise, latent_image, device, sampler, sigmas, denoise_mask,
+                                    monitor.wrap(callback), disable_pbar, seed)
+            monitor.log()
+            return out
         finally:
             self.inner_model = None
             self.model_options = saved_options
