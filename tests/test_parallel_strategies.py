@@ -94,7 +94,14 @@ def test_n_ranks_give_the_one_rank_image(base_dir, tmp_path, models_dir, world, 
                                          exact, expected):
     # base_dir restores folder_paths after the in-process reference render below
     prompt = _prompt(cfg, batch, negative)
-    ref_plan, *ref = _render(0, 1, models_dir, str(tmp_path / "one"), prompt, {})
+    # the ranks run single-threaded (parallel_helpers); so must the reference, since a CPU kernel's
+    # summation order can depend on how many threads split it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref_plan, *ref = _render(0, 1, models_dir, str(tmp_path / "one"), prompt, {})
+    finally:
+        torch.set_num_threads(threads)
     assert ref_plan is None  # one process: no plan at all, the plain path
     outs = run_on_ranks(world, _render, models_dir, str(tmp_path / "many"), prompt, parallel)
     assert len(outs[0]) == batch + 1
