@@ -9,12 +9,13 @@ Loading (what LoraLoader / LoraLoaderModelOnly call):
   (diffusers' ``norm_out`` stores (scale, shift), BFL (shift, scale)). Name families: ComfyUI
   (``diffusion_model.X``), kohya (``lora_unet_X_with_underscores``, ``lora_te1_`` ...), diffusers / PEFT
   (``transformer.<diffusers name>``, ``text_encoder.``), BFL (bare ``X``), XLabs
-  (``double_blocks.N.processor.qkv_lora1`` ...).
+  (``double_blocks.N.processor.qkv_lora1`` ...). SD3 / SD3.5: diffusers' ``transformer_blocks.N.attn.to_q``
+  / ``add_q_proj`` ... are slices of ``joint_blocks.N.{x,context}_block.attn.qkv``.
 - `load_lora(lora_sd, key_map)` -> ``{target: (kind, data)}``: LoRA (up/down/alpha/mid, every suffix
   convention), LoHa, LoKr and full diffs (``.diff`` / ``.diff_b``).
 - `load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip, name)`: clones and patches
-  the MODEL and the CLIP; a LoRA that matches nothing (another model family, another size) is refused
-  with an error naming the file and what it targets.
+  the MODEL and the CLIP; a LoRA that matches nothing (another model family, another size), or that
+  names another DiT family's blocks, is refused with an error naming the file and what it targets.
 
 Applying: `calculate_weight(patches, weight, key)` is what `ModelPatcher.patch_model` calls per weight. A
 patch is ``(strength_patch, value, strength_model, offset, function)``; ``value`` is a tensor (a "diff")
@@ -227,8 +228,64 @@ def _flux_keys(net, sd_keys: set, key_map: dict, prefix: str) -> None:
         key_map[f"single_blocks.{i}.processor.proj_lora"] = f"{prefix}single_blocks.{i}.linear2.weight"
 
 
+def sd3_diffusers_key_map(depth: int, hidden: int, attn2_layers=()) -> dict:
+    """diffusers SD3Transformer2DModel module name -> (Stability module name, row slice or None, fix-up or None).
+
+    The inverse of `comfy.ldm.mmdit.detect.diffusers_to_checkpoint` for the weights a LoRA can patch:
+    separate ``to_q/to_k/to_v`` (image stream) and ``add_{q,k,v}_proj`` (text stream) are row slices of
+    the fused ``x_block.attn.qkv`` / ``context_block.attn.qkv``. The last block's context side is
+    pre-only: diffusers gives it an AdaLayerNormContinuous, (scale, shift) where the checkpoint has
+    (shift, scale), as in the final layer.
+    """
+    m: dict[str, tuple] = {
+        "pos_embed.proj": ("x_embedder.proj", None, None),
+        "time_text_embed.timestep_embedder.linear_1": ("t_embedder.mlp.0", None, None),
+        "time_text_embed.timestep_embedder.linear_2": ("t_embedder.mlp.2", None, None),
+        "time_text_embed.text_embedder.linear_1": ("y_embedder.mlp.0", None, None),
+        "time_text_embed.text_embedder.linear_2": ("y_embedder.mlp.2", None, None),
+        "context_embedder": ("context_embedder", None, None),
+        "proj_out": ("final_layer.linear", None, None),
+        "norm_out.linear": ("final_layer.adaLN_modulation.1", None, _swap_scale_shift),
+    }
+    for i in range(depth):
+        d, b = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        last = i == depth - 1
+        for j, c in enumerate("qkv"):
+            m[f"{d}.attn.to_{c}"] = (f"{b}.x_block.attn.qkv", (0, j * hidden, hidden), None)
+            m[f"{d}.attn.add_{c}_proj"] = (f"{b}.context_block.attn.qkv", (0, j * hidden, hidden), None)
+            if i in attn2_layers:
+                m[f"{d}.attn2.to_{c}"] = (f"{b}.x_block.attn2.qkv", (0, j * hidden, hidden), None)
+        m[f"{d}.attn.to_out.0"] = (f"{b}.x_block.attn.proj", None, None)
+        m[f"{d}.norm1.linear"] = (f"{b}.x_block.adaLN_modulation.1", None, None)
+        m[f"{d}.ff.net.0.proj"] = (f"{b}.x_block.mlp.fc1", None, None)
+        m[f"{d}.ff.net.2"] = (f"{b}.x_block.mlp.fc2", None, None)
+        m[f"{d}.norm1_context.linear"] = (f"{b}.context_block.adaLN_modulation.1", None,
+                                          _swap_scale_shift if last else None)
+        if i in attn2_layers:
+            m[f"{d}.attn2.to_out.0"] = (f"{b}.x_block.attn2.proj", None, None)
+        if not last:
+            m[f"{d}.attn.to_add_out"] = (f"{b}.context_block.attn.proj", None, None)
+            m[f"{d}.ff_context.net.0.proj"] = (f"{b}.context_block.mlp.fc1", None, None)
+            m[f"{d}.ff_context.net.2"] = (f"{b}.context_block.mlp.fc2", None, None)
+    return m
+
+
+def _sd3_keys(net, sd_keys: set, key_map: dict, prefix: str) -> None:
+    for dname, (sname, offset, fn) in sd3_diffusers_key_map(len(net.joint_blocks), net.hidden_size,
+                                                            net.x_block_self_attn_layers).items():
+        key = f"{prefix}{sname}.weight"
+        if key not in sd_keys:
+            continue
+        target = key if offset is None and fn is None else (key, offset, fn)
+        # diffusers / PEFT (``transformer.``), bare, PEFT-wrapped, and kohya over diffusers names
+        for name in (f"transformer.{dname}", dname, f"base_model.model.{dname}",
+                     "lora_transformer_" + dname.replace(".", "_")):
+            key_map[name] = target
+
+
 # family adapters for diffusers-named LoRAs: (diffusion model class path, function(net, keys, map, prefix))
-UNET_KEY_MAPPERS: list[tuple[str, object]] = [("comfy.ldm.flux.model.Flux", _flux_keys)]
+UNET_KEY_MAPPERS: list[tuple[str, object]] = [("comfy.ldm.flux.model.Flux", _flux_keys),
+                                              ("comfy.ldm.mmdit.model.MMDiT", _sd3_keys)]
 
 
 def _class_path(obj) -> str:
@@ -377,6 +434,39 @@ def guess_lora_target(lora: dict) -> str:
     return "an unknown model (first keys: " + ", ".join(sorted(keys)[:3]) + ")"
 
 
+# Module names only one DiT family has (kohya's underscored forms contain them too), and the diffusion model
+# class of each family: a LoRA naming another family's blocks is refused even where some of its diffusers
+# names (transformer_blocks.N.attn.to_q ...) would also fit this model's weights.
+_FAMILY_MARKERS = {
+    "flux": ("double_blocks", "single_blocks", "single_transformer_blocks"),
+    "sd3": ("joint_blocks", "context_block"),
+}
+_FAMILY_MODELS = {"comfy.ldm.flux.model.Flux": "flux", "comfy.ldm.mmdit.model.MMDiT": "sd3"}
+
+
+def _model_family(net) -> str | None:
+    for c in type(net).__mro__:
+        family = _FAMILY_MODELS.get(f"{c.__module__}.{c.__qualname__}")
+        if family:
+            return family
+    return None
+
+
+def _lora_families(lora: dict) -> set[str]:
+    return {f for f, marks in _FAMILY_MARKERS.items() if any(m in k for k in lora for m in marks)}
+
+
+def _check_family(model, lora: dict, name: str) -> None:
+    net = getattr(model.model, "diffusion_model", None)
+    family = _model_family(net) if net is not None else None
+    found = _lora_families(lora)
+    if family is None or not found or family in found:
+        return
+    raise ValueError(f"LoRA '{name}' was made for {guess_lora_target(lora)}, but this model is "
+                     f"{type(net).__name__} ({family}): its block names do not exist here. "
+                     "Load a LoRA made for this model.")
+
+
 def _is_text_encoder_key(k: str) -> bool:
     return k.startswith(("lora_te", "text_encoder", "text_encoders.", "te_", "clip_l.", "clip_g.", "t5xxl."))
 
@@ -418,6 +508,7 @@ def load_lora_for_models(model, clip, lora: dict, strength_model: float, strengt
     n_model = n_clip = 0
     consumed: set = set()
     if model is not None:
+        _check_family(model, lora, name)
         patches = load_lora(lora, unet_map, log_missing=False)
         patches = _check_shapes(patches, model.model.state_dict(), name, "model", lora)
         new_model = model.clone()
