@@ -136,6 +136,15 @@ def main(argv: list[str] | None = None) -> None:
 
         execution_engine.run(args, start_server=start_server, cache_settings=cache_settings)
         return
+    # One process: the optimization settings (--taco-torch-compile, --taco-cuda-graph, YAML) still apply.
+    from comfy.taco_dit.core import model_wrapper
+    from comfy.taco_dit.core.config_manager import ConfigError, load_config
+
+    try:
+        model_wrapper.set_runtime(load_config(args, world_size=1))
+    except ConfigError as e:
+        logging.error("TACO-DiT configuration refused: %s", e)
+        sys.exit(2)
     start_server(args)
 
 

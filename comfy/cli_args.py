@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--taco-sequence-parallel-degree", type=int, default=None)
     t.add_argument("--taco-pipeline-parallel-degree", type=int, default=None)
     t.add_argument("--taco-tensor-parallel-degree", type=int, default=None)
-    t.add_argument("--taco-torch-compile", action="store_true", default=None)
+    t.add_argument("--taco-torch-compile", action="store_true", default=None,
+                   help="Compile the diffusion model with torch.compile (composes with the parallel plans).")
+    t.add_argument("--taco-cuda-graph", action="store_true", default=None,
+                   help="Replay the diffusion model's forward as a CUDA graph (GPU only).")
     t.add_argument("--taco-follower-timeout", type=float, default=60.0,
                    help="Seconds without a heartbeat after which a rank is declared dead.")
     t.add_argument("--taco-queue-file", type=str, default=None,

@@ -18,6 +18,7 @@ Owns the schema of `taco_dit_config.yaml`::
       use_flash_attention: auto
       use_torch_compile: false
       use_cache: true
+      use_cuda_graph: false             # replay the model forward as one CUDA graph (GPU)
 
 Precedence: flags over the YAML file over defaults. "auto" (or an unset value) leaves the choice to the
 automatic planner; here it only means "not fixed by the user". Every rule that can be checked without a
@@ -91,10 +92,13 @@ class OptimizationConfig:
     """Compile the diffusion model's blocks with torch.compile."""
     use_cache: bool = True
     """Keep node outputs (and loaded models) between prompts, as ComfyUI does."""
+    use_cuda_graph: bool = False
+    """Replay each diffusion-model forward as one CUDA graph (captured once per input shape, layout and
+    weights): removes the per-kernel launch cost that bounds small per-GPU token counts. CUDA only."""
 
     def __post_init__(self) -> None:
         self.use_flash_attention = _tristate(self.use_flash_attention, "optimization.use_flash_attention")
-        for name in ("use_torch_compile", "use_cache"):
+        for name in ("use_torch_compile", "use_cache", "use_cuda_graph"):
             value = _tristate(getattr(self, name), f"optimization.{name}")
             if value == AUTO:
                 value = OptimizationConfig.__dataclass_fields__[name].default
@@ -317,6 +321,8 @@ def values_from_args(args) -> dict:
             parallel[key] = value
     if getattr(args, "taco_torch_compile", None) is not None:
         optimization["use_torch_compile"] = bool(args.taco_torch_compile)
+    if getattr(args, "taco_cuda_graph", None) is not None:
+        optimization["use_cuda_graph"] = bool(args.taco_cuda_graph)
     return {"parallel": parallel, "optimization": optimization}
 
 

@@ -676,9 +676,6 @@ def run(args, start_server, cache_settings=None) -> None:
     except ConfigError as e:
         log.error("TACO-DiT configuration refused: %s", e)
         sys.exit(2)
-    from comfy.taco_dit.core import model_wrapper
-
-    model_wrapper.set_runtime(config)  # the sampler reads it to plan each run's parallel layout
     if config.lockstep_only:
         log.info("TACO-DiT: %d ranks in pure lockstep (parallel strategies off)", world_size)
     else:

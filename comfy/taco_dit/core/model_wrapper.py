@@ -186,7 +186,8 @@ def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: b
     world = world_size()
     node_opts = patcher.model_options.get(NODE_OPTIONS_KEY)
     if world == 1:
-        return patcher
+        config = _runtime["config"]
+        return _apply_optimizations(patcher, config.optimization, None) if config is not None else patcher
     from comfy.taco_dit.parallel.cfg_parallel import make_cfg_parallel_calc, make_data_parallel_wrapper
     from comfy.taco_dit.parallel.sequence_parallel import apply_sequence_parallel, supports_sequence_parallel
 
@@ -201,7 +202,7 @@ def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: b
                          model_name=type(dm).__name__, tokens=tokens, peer_access=_peer_access())
     _runtime["last_plan"] = plan  # what the last sampling run used (console timing, tests)
     if not plan.is_parallel:
-        return patcher
+        return _apply_optimizations(patcher, config.optimization, plan)
     mesh = get_mesh(plan.dims)
     if dist.get_rank() == 0:
         log.info("TACO-DiT plan for %s: %s (%s)", type(dm).__name__, plan.describe(), "; ".join(plan.reasons))
@@ -216,4 +217,46 @@ def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: b
             mesh.dp, out.model_options.get("model_function_wrapper"))
     if plan.dims.sp > 1:
         out = apply_sequence_parallel(out, mesh)
+    return _apply_optimizations(out, config.optimization, plan)
+
+
+# (diffusion model, what the wrapped forward depends on) -> compiled / graphed forward, reused across
+# prompts so compilation and capture happen once per model, layout and weights. Bounded: an entry holds
+# its model (and a CUDA graph its buffers), so switching models must not keep old ones alive.
+_wrapped_forwards: dict = {}
+_MAX_WRAPPED = 2
+
+
+def _apply_optimizations(patcher, optimization, plan: Plan | None):
+    """torch.compile or CUDA-graph the diffusion model's forward, on top of any parallel plan.
+
+    The wrapper calls the model's own `forward`, which reaches the (possibly sequence-parallel)
+    `forward_orig` / `run_blocks` object patch, so both compose. A CUDA graph bakes in weight addresses
+    and the parallel layout, hence its cache key holds both; torch.compile guards on them itself.
+    """
+    use_graph = bool(getattr(optimization, "use_cuda_graph", False)) and patcher.load_device.type == "cuda"
+    use_compile = bool(getattr(optimization, "use_torch_compile", False))
+    if not (use_graph or use_compile):
+        return patcher
+    dm = patcher.model.diffusion_model
+    layout = plan.dims if plan is not None else None
+    weights = getattr(patcher, "patches_uuid", None)
+    key = (id(dm), "graph" if use_graph else "compile", layout, weights if use_graph else None)
+    wrapped = _wrapped_forwards.get(key)
+    if wrapped is None:
+        for stale in [k for k in _wrapped_forwards if k[0] == id(dm) and k[1] == key[1]]:
+            del _wrapped_forwards[stale]  # old layout or weights: free its graph memory
+        forward = type(dm).forward.__get__(dm, type(dm))
+        if use_graph:
+            from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable
+
+            wrapped = CUDAGraphCallable(forward)
+        else:
+            wrapped = torch.compile(forward)
+        while len(_wrapped_forwards) >= _MAX_WRAPPED:
+            del _wrapped_forwards[next(iter(_wrapped_forwards))]
+        _wrapped_forwards[key] = wrapped
+        log.info("TACO-DiT: %s the %s forward", "CUDA-graphing" if use_graph else "compiling", type(dm).__name__)
+    out = patcher.clone()
+    out.add_object_patch("diffusion_model.forward", wrapped)
     return out

@@ -224,6 +224,9 @@ def head_count(diffusion_model: torch.nn.Module) -> int | None:
     return getattr(diffusion_model, "num_heads", None)
 
 
+_adapter_fns: dict = {}
+
+
 def apply_sequence_parallel(model_patcher, mesh: ParallelMesh):
     """Return a clone of `model_patcher` whose diffusion model runs sequence parallel over `mesh`."""
     dm = model_patcher.model.diffusion_model
@@ -237,6 +240,13 @@ def apply_sequence_parallel(model_patcher, mesh: ParallelMesh):
                          f"use a Ulysses degree that divides {heads} and put the rest in ring degree")
     patched = model_patcher.clone()
     method, factory = ADAPTERS[name]
-    patched.add_object_patch(f"diffusion_model.{method}", factory(mesh).__get__(dm, type(dm)))
+    # One bound adapter per (model, layout), reused by later prompts: torch.compile guards on the
+    # patched method's identity and would otherwise recompile for every prompt.
+    # The function is cached, not the bound method, so the cache never keeps a model alive.
+    key = (id(dm), mesh.dims)
+    fn = _adapter_fns.get(key)
+    if fn is None:
+        fn = _adapter_fns[key] = factory(mesh)
+    patched.add_object_patch(f"diffusion_model.{method}", fn.__get__(dm, type(dm)))
     logging.debug("Sequence parallel on %s: ulysses=%d ring=%d", name, mesh.ulysses.size, mesh.ring.size)
     return patched
