@@ -164,8 +164,11 @@ class VAELoader:
         from comfy.vae import VAE
 
         try:
-            return (VAE(sd=sd),)
+            # the VAE keeps the file name so a latent of another family is refused naming this file
+            return (VAE(sd=sd, name=vae_name),)
         except ValueError as e:
+            if vae_name in str(e):
+                raise
             raise ValueError(f"'{vae_name}': {e}") from e
 
 

@@ -54,12 +54,22 @@ def detect_vae_family(sd: dict, name: str = "<state dict>") -> str:
         f"(encoder.conv_in, encoder.down.N.block.M.*, encoder.mid.attn_1.*, decoder.up.N.*).{hint}")
 
 
+# what each VAE family is, and which models make latents of a given shape (for the wrong-VAE errors)
+_FAMILY_NAMES = {"kl_sd": "an SD1.x/SDXL-style VAE", "kl_16": "a Flux / SD3 / SD3.5 VAE", "kl": "a KL VAE",
+                 "wan21": "the Wan 2.1 video VAE"}
+_LATENT_SOURCES = {(4, 4): "an SD1.x / SDXL / PixArt / HunyuanDiT model (4-channel image latent)",
+                   (16, 4): "a Flux / SD3 / SD3.5 model (16-channel image latent)",
+                   (16, 5): "a Wan 2.1 model (16-channel video latent [B,C,T,H,W])",
+                   (48, 5): "a Wan 2.2 5B model (48-channel video latent)"}
+
+
 class VAE:
     def __init__(self, sd: dict | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None,
                  name: str = "<state dict>"):
         if sd is None:
             raise ValueError("VAE needs a state dict (load the file with comfy.utils.load_torch_file)")
         sd = conform_attention_weights(_strip_prefix(sd))
+        self.name = name  # the file, for errors that name it (VAELoader passes it)
         self.family = detect_vae_family(sd, name)
         self.device = device or mm.vae_device()
         self.vae_dtype = dtype or mm.vae_dtype(self.device)
@@ -126,6 +136,21 @@ class VAE:
     def get_sd(self) -> dict:
         return self.first_stage_model.state_dict()
 
+    def check_latent(self, samples: torch.Tensor) -> None:
+        """Refuse a latent this VAE cannot decode, naming the VAE file, what it expects and where the latent
+        comes from: a VAE of another family would otherwise fail deep inside a convolution."""
+        ndim = self.latent_dim + 2
+        if samples.ndim == ndim and samples.shape[1] == self.latent_channels:
+            return
+        layout = "[B,C,T,H,W]" if self.latent_dim == 3 else "[B,C,H,W]"
+        got = _LATENT_SOURCES.get((samples.shape[1] if samples.ndim > 1 else 0, samples.ndim),
+                                  "a model of another family")
+        raise ValueError(
+            f"VAE '{self.name}' is {_FAMILY_NAMES.get(self.family, 'a VAE')} and decodes {self.latent_channels}-"
+            f"channel latents {layout}, but this latent is {tuple(samples.shape)}, which comes from {got}. "
+            "Load the VAE that belongs to the diffusion model (e.g. ae.safetensors for Flux, the checkpoint's "
+            "own VAE for SD3.5, wan_2.1_vae.safetensors for Wan 2.1).")
+
     def _ensure_loaded(self) -> None:
         if self.patcher is not None:
             mm.load_models_gpu([self.patcher])
@@ -134,11 +159,9 @@ class VAE:
     def decode(self, samples: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
         """Latent [B,C,h,w] (raw VAE space) -> IMAGE [B, h*r, w*r, 3] float32 in 0..1 on the CPU.
         Video VAEs: [B,C,t,h,w] -> [B, 1+4(t-1), h*r, w*r, 3] (VAEDecode folds frames into the batch)."""
+        self.check_latent(samples)
         if self.latent_dim == 3:
             return self._decode_video(samples)
-        if samples.ndim != 4 or samples.shape[1] != self.latent_channels:
-            raise ValueError(f"this VAE decodes {self.latent_channels}-channel latents [B,C,H,W]; got "
-                             f"{tuple(samples.shape)}: the latent comes from a model of another family")
         self._ensure_loaded()
         out = []
         for i in range(0, samples.shape[0], batch_size):
@@ -187,9 +210,7 @@ class VAE:
         return step
 
     def _decode_video(self, samples: torch.Tensor) -> torch.Tensor:
-        if samples.ndim != 5 or samples.shape[1] != self.latent_channels:
-            raise ValueError(f"this video VAE decodes {self.latent_channels}-channel latents [B,C,T,H,W]; got "
-                             f"{tuple(samples.shape)}: the latent comes from a model of another family")
+        self.check_latent(samples)
         self._ensure_loaded()
         step = self._video_progress(samples.shape[0] * samples.shape[2])
         out = []
@@ -220,6 +241,7 @@ class VAE:
                      ) -> torch.Tensor:
         """Decode latent tiles of tile_y x tile_x (latent pixels) with `overlap`, blending the overlaps
         linearly: bounded memory for large images, at the cost of small seams differences."""
+        self.check_latent(samples)
         b, _, h, w = samples.shape
         r = self.upscale_ratio
         if h <= tile_y and w <= tile_x:
