@@ -36,8 +36,11 @@ def _copy_into(static, value):
         for s, v in zip(static, value):
             _copy_into(s, v)
     elif isinstance(static, dict):
-        for k in static:
-            _copy_into(static[k], value[k])
+        # the model may add keys to its options dict while it runs (block_index, ...): copy what the
+        # caller passed, which the signature guarantees matches what was captured
+        for k in value:
+            if k in static:
+                _copy_into(static[k], value[k])
 
 
 def _clone_inputs(value):
