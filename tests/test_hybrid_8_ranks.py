@@ -19,29 +19,12 @@ from tests.parallel_helpers import run_on_ranks
 models_dir = strategies.models_dir  # the demo-models fixture
 
 
-class Flux8Heads(families.TestFlux):
-    """Flux with 8 heads of 16 dims, so Ulysses 8 divides them; 12 image + 5 text tokens (padded)."""
-
-    __test__ = False
-
-    def build(self, h, w, txt_len, with_ref=False):
-        from comfy.ldm.flux.model import Flux
-
-        torch.manual_seed(0)
-        model = Flux(in_channels=4, out_channels=4, vec_in_dim=16, context_in_dim=32, hidden_size=128,
-                     mlp_ratio=2.0, num_heads=8, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6],
-                     guidance_embed=True).eval()
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.15)
-        g = torch.Generator().manual_seed(1)
-        return model, dict(x=torch.randn(1, 4, h, w, generator=g), ctx=torch.randn(1, txt_len, 32, generator=g),
-                           y=torch.randn(1, 16, generator=g), refs=None)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ulysses,ring", [(8, 1), (4, 2), (2, 4)])
 def test_flux_8_rank_sequence_layouts(ulysses, ring):
-    Flux8Heads().check(8, ulysses, ring, dict(h=8, w=6, txt_len=5))
+    # 8 heads of 16 dims so Ulysses 8 divides them; 12 image + 5 text tokens (padded)
+    families.TestFlux().check(8, ulysses, ring, dict(h=8, w=6, txt_len=5, hidden_size=128, num_heads=8, depth=1,
+                                                     std=0.15))
 
 
 @pytest.mark.slow

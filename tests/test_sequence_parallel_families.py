@@ -60,15 +60,15 @@ class SequenceParallelCases:
 class TestFlux(SequenceParallelCases):
     CASE = dict(h=8, w=6, txt_len=5)  # 12 image tokens, 5 text tokens
 
-    def build(self, h, w, txt_len, with_ref=False):
+    def build(self, h, w, txt_len, with_ref=False, hidden_size=64, num_heads=4, depth=2, std=0.2):
         from comfy.ldm.flux.model import Flux
 
         torch.manual_seed(0)
-        model = Flux(in_channels=4, out_channels=4, vec_in_dim=16, context_in_dim=32, hidden_size=64,
-                     mlp_ratio=2.0, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6],
-                     guidance_embed=True).eval()
+        model = Flux(in_channels=4, out_channels=4, vec_in_dim=16, context_in_dim=32, hidden_size=hidden_size,
+                     mlp_ratio=2.0, num_heads=num_heads, depth=depth, depth_single_blocks=depth,
+                     axes_dim=[4, 6, 6], guidance_embed=True).eval()
         for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.2)
+            torch.nn.init.normal_(p, std=std)
         g = torch.Generator().manual_seed(1)
         refs = [torch.randn(1, 4, 4, 4, generator=g)] if with_ref else None
         return model, dict(x=torch.randn(1, 4, h, w, generator=g), ctx=torch.randn(1, txt_len, 32, generator=g),
