@@ -27,3 +27,42 @@ def test_copy_into_static_buffers_tolerates_keys_the_model_added():
     _copy_into(static, new)
     assert static["x"] is buffer and buffer.tolist() == [7.0, 8.0, 9.0]  # in place: the graph reads it
     assert static["opts"]["sigmas"].item() == 0.25
+
+
+def test_cuda_graph_auto_means_multi_gpu_plans_only():
+    from comfy.taco_dit.core import model_wrapper
+    from comfy.taco_dit.core.config_manager import OptimizationConfig
+    from comfy.taco_dit.parallel.mesh import MeshDims
+    from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable
+
+    class Patcher:
+        load_device = torch.device("cuda")  # never touched: capture happens on the first call only
+        patches_uuid = "w0"
+
+        def __init__(self):
+            self.model = torch.nn.Module()
+            self.model.diffusion_model = torch.nn.Linear(2, 2)
+            self.object_patches = {}
+
+        def clone(self):
+            c = Patcher()
+            c.model = self.model
+            c.object_patches = dict(self.object_patches)
+            return c
+
+        def add_object_patch(self, name, obj):
+            self.object_patches[name] = obj
+
+    parallel = model_wrapper.Plan(MeshDims(world_size=2, ulysses=2))
+    single = model_wrapper.Plan(MeshDims(world_size=1))
+
+    def wrapped(setting, plan):
+        out = model_wrapper._apply_optimizations(Patcher(), OptimizationConfig(use_cuda_graph=setting), plan)
+        return isinstance(out.object_patches.get("diffusion_model.forward"), CUDAGraphCallable)
+
+    assert wrapped("auto", parallel) and not wrapped("auto", single) and not wrapped("auto", None)
+    assert wrapped(True, None) and not wrapped(False, parallel)
+    cpu = Patcher()
+    cpu.load_device = torch.device("cpu")
+    out = model_wrapper._apply_optimizations(cpu, OptimizationConfig(use_cuda_graph=True), parallel)
+    assert "diffusion_model.forward" not in out.object_patches  # CUDA only

@@ -18,7 +18,8 @@ Owns the schema of `taco_dit_config.yaml`::
       use_flash_attention: auto
       use_torch_compile: false
       use_cache: true
-      use_cuda_graph: false             # replay the model forward as one CUDA graph (GPU)
+      use_cuda_graph: auto              # replay the model forward as one CUDA graph (auto: GPUs, when a
+                                        # parallel plan splits the work; true: also on one GPU)
 
 Precedence: flags over the YAML file over defaults. "auto" (or an unset value) leaves the choice to the
 automatic planner; here it only means "not fixed by the user". Every rule that can be checked without a
@@ -92,13 +93,16 @@ class OptimizationConfig:
     """Compile the diffusion model's blocks with torch.compile."""
     use_cache: bool = True
     """Keep node outputs (and loaded models) between prompts, as ComfyUI does."""
-    use_cuda_graph: bool = False
+    use_cuda_graph: Tristate = AUTO
     """Replay each diffusion-model forward as one CUDA graph (captured once per input shape, layout and
-    weights): removes the per-kernel launch cost that bounds small per-GPU token counts. CUDA only."""
+    weights): removes the per-kernel launch cost that bounds small per-GPU token counts. CUDA only.
+    "auto": on when a parallel plan splits the work over GPUs (measured faster in every configuration
+    in benchmarks/RESULTS.md), off on a single GPU, where it gains ~1%."""
 
     def __post_init__(self) -> None:
         self.use_flash_attention = _tristate(self.use_flash_attention, "optimization.use_flash_attention")
-        for name in ("use_torch_compile", "use_cache", "use_cuda_graph"):
+        self.use_cuda_graph = _tristate(self.use_cuda_graph, "optimization.use_cuda_graph")
+        for name in ("use_torch_compile", "use_cache"):
             value = _tristate(getattr(self, name), f"optimization.{name}")
             if value == AUTO:
                 value = OptimizationConfig.__dataclass_fields__[name].default

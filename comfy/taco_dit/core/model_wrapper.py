@@ -234,7 +234,12 @@ def _apply_optimizations(patcher, optimization, plan: Plan | None):
     `forward_orig` / `run_blocks` object patch, so both compose. A CUDA graph bakes in weight addresses
     and the parallel layout, hence its cache key holds both; torch.compile guards on them itself.
     """
-    use_graph = bool(getattr(optimization, "use_cuda_graph", False)) and patcher.load_device.type == "cuda"
+    from comfy.taco_dit.core.config_manager import AUTO
+
+    graph_setting = getattr(optimization, "use_cuda_graph", False)
+    if graph_setting == AUTO:
+        graph_setting = plan is not None and plan.is_parallel
+    use_graph = graph_setting is True and patcher.load_device.type == "cuda"
     use_compile = bool(getattr(optimization, "use_torch_compile", False))
     if not (use_graph or use_compile):
         return patcher

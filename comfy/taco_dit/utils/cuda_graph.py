@@ -56,16 +56,21 @@ def _clone_inputs(value):
 
 
 class CUDAGraphCallable:
-    def __init__(self, fn, warmup: int = 2):
+    def __init__(self, fn, warmup: int = 2, max_graphs: int = 4):
         self.fn = fn
         self.warmup = warmup
+        # each graph keeps its activations' memory: a user trying many resolutions must not pile them up
+        self.max_graphs = max_graphs
         self.graphs: dict = {}
 
     def __call__(self, *args, **kwargs):
         key = _signature((args, kwargs))
-        entry = self.graphs.get(key)
+        entry = self.graphs.pop(key, None)
         if entry is None:
-            entry = self.graphs[key] = self._capture(args, kwargs)
+            while len(self.graphs) >= self.max_graphs:
+                del self.graphs[next(iter(self.graphs))]  # least recently used
+            entry = self._capture(args, kwargs)
+        self.graphs[key] = entry
         static_args, static_kwargs, graph, out = entry
         _copy_into(static_args, args)
         _copy_into(static_kwargs, kwargs)
