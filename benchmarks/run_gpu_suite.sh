@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [step|e2e|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [step|e2e|wan|all]   Results: $OUT/*.jsonl
+# Each part fits one 10-minute device call on its own; "all" does not.
 set -uo pipefail
 what="${1:-all}"
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/taco-out}"
@@ -19,9 +20,15 @@ if [ "$what" = step ] || [ "$what" = all ]; then
   torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --configs u2 \
     --out "$OUT/step.jsonl" 2>&1 | filter
 fi
+if [ "$what" = wan ] || [ "$what" = all ]; then
+  python3 benchmarks/bench_wan_step.py --graph --diffusers --out "$OUT/wan_step.jsonl" 2>&1 | filter
+  [ "$ngpu" -ge 4 ] && torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --graph --configs u4 u2r2 \
+    --out "$OUT/wan_step.jsonl" 2>&1 | filter
+fi
 if [ "$what" = e2e ] || [ "$what" = all ]; then
   ref=/tmp/taco-bench/1gpu-rank0/output/bench_00002_.png
   python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu --out "$OUT/e2e.jsonl" 2>&1 | filter
+  python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpug --cuda-graph --out "$OUT/e2e.jsonl" 2>&1 | filter
   [ "$ngpu" -ge 4 ] && torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
     --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | filter
   torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \

@@ -1,0 +1,145 @@
+"""Per-step cost of the Wan 2.1 14B t2v transformer (random weights, bf16) at 832x480, 81 frames
+(21 x 30 x 52 = 32760 video tokens, 512 text tokens): ours vs diffusers on one GPU, and ours under
+sequence parallel on N GPUs with the output checked against one GPU.
+
+One GPU:  python benchmarks/bench_wan_step.py [--graph] [--diffusers]
+N GPUs:   torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --configs u4 u2r2 [--graph]
+Smoke test on a CPU: python benchmarks/bench_wan_step.py --tiny --diffusers --device cpu
+
+Timing and output format as benchmarks/bench_flux_step.py (whose helpers this reuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_flux_step import card, emit, init_random_, parse_config, time_fn  # noqa: E402
+
+from comfy.ldm.wan.model import WanModel  # noqa: E402
+from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh  # noqa: E402
+from comfy.taco_dit.parallel.sequence_parallel import wan_forward_orig  # noqa: E402
+from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable  # noqa: E402
+
+WAN_14B = dict(model_type="t2v", dim=5120, ffn_dim=13824, freq_dim=256, text_dim=4096, in_dim=16, out_dim=16,
+               num_heads=40, num_layers=40)
+TINY = dict(model_type="t2v", dim=256, ffn_dim=512, freq_dim=256, text_dim=64, in_dim=16, out_dim=16,
+            num_heads=2, num_layers=2)
+
+
+def inputs(cfg, latent_thw, device, dtype, seed=1):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(1, 16, *latent_thw, device=device, dtype=dtype, generator=g)
+    ctx = torch.randn(1, 512, cfg["text_dim"], device=device, dtype=dtype, generator=g)
+    t = torch.full((1,), 700.0, device=device, dtype=dtype)
+    return x, t, ctx
+
+
+def diffusers_wan(cfg, device, dtype):
+    from diffusers import WanTransformer3DModel
+
+    with torch.device(device):
+        m = WanTransformer3DModel(num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["dim"] // cfg["num_heads"],
+                                  in_channels=16, out_channels=16, text_dim=cfg["text_dim"], freq_dim=cfg["freq_dim"],
+                                  ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"]).to(dtype).eval()
+    return m
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--configs", nargs="*", default=[])
+    p.add_argument("--graph", action="store_true")
+    p.add_argument("--diffusers", action="store_true")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "wan_step.jsonl"))
+    args = p.parse_args()
+    cfg = TINY if args.tiny else WAN_14B
+    latent = (3, 6, 8) if args.tiny else (21, 60, 104)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    on_gpu = args.device == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    if world > 1 and on_gpu:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device(args.device)
+        if world > 1:
+            dist.init_process_group("gloo")
+
+    def timed(fn):
+        if on_gpu:
+            return time_fn(fn, args.warmup, args.iters)
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000
+
+    model = WanModel(**cfg, dtype=dtype, device=dev).eval()
+    if on_gpu:
+        init_random_(model)
+    else:
+        torch.manual_seed(0)  # identical weights on every rank
+        for q in model.parameters():
+            torch.nn.init.normal_(q, std=0.02)
+    x, t, ctx = inputs(cfg, latent, dev, dtype)
+    name = "card" if on_gpu else "cpu"
+    where = card() if on_gpu else name
+    with torch.inference_mode():
+        if world == 1:
+            ms = timed(lambda: model(x, t, ctx))
+            emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager", "gpus": 1,
+                            "step_ms": round(ms, 2), "card": where})
+            if args.graph and on_gpu:
+                graphed = CUDAGraphCallable(lambda a, b, c: model(a, b, c))
+                ms = timed(lambda: graphed(x, t, ctx))
+                emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "cuda_graph", "gpus": 1,
+                                "step_ms": round(ms, 2), "card": where})
+            if args.diffusers:
+                model = None
+                if on_gpu:
+                    torch.cuda.empty_cache()
+                ref = diffusers_wan(cfg, dev, dtype)
+                if on_gpu:
+                    init_random_(ref)
+                ms = timed(lambda: ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False))
+                emit(args.out, {"impl": "diffusers", "model": "wan2.1-t2v-14b", "mode": "eager", "gpus": 1,
+                                "step_ms": round(ms, 2), "card": where})
+            return
+        reference = model(x, t, ctx) if dist.get_rank() == 0 else None
+        for name in args.configs:
+            u, r = parse_config(name)
+            if u * r != world:
+                continue
+            mesh = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl" if on_gpu else "gloo")
+            model.forward_orig = wan_forward_orig(mesh).__get__(model, WanModel)
+            for mode in ["eager"] + (["cuda_graph"] if args.graph else []):
+                fn = (lambda: model(x, t, ctx)) if mode == "eager" else \
+                    (lambda g=CUDAGraphCallable(lambda a, b, c: model(a, b, c)): g(x, t, ctx))
+                out = fn()
+                ms = timed(fn)
+                if dist.get_rank() == 0:
+                    diff = (out.float() - reference.float()).abs()
+                    emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": mode, "gpus": world,
+                                    "config": name, "step_ms": round(ms, 2),
+                                    "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
+                                    "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
+                                    "card": where})
+            del model.forward_orig
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
