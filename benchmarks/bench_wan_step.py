@@ -45,10 +45,17 @@ def inputs(cfg, latent_thw, device, dtype, seed=1):
 def diffusers_wan(cfg, device, dtype):
     from diffusers import WanTransformer3DModel
 
-    with torch.device(device):
-        m = WanTransformer3DModel(num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["dim"] // cfg["num_heads"],
-                                  in_channels=16, out_channels=16, text_dim=cfg["text_dim"], freq_dim=cfg["freq_dim"],
-                                  ffn_dim=cfg["ffn_dim"], num_layers=cfg["num_layers"]).to(dtype).eval()
+    # built directly in the target dtype: a 14B model in fp32 first would need 56 GB on the card
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            m = WanTransformer3DModel(num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["dim"] // cfg["num_heads"],
+                                      in_channels=16, out_channels=16, text_dim=cfg["text_dim"],
+                                      freq_dim=cfg["freq_dim"], ffn_dim=cfg["ffn_dim"],
+                                      num_layers=cfg["num_layers"]).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(previous)
     return m
 
 
