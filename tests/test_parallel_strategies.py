@@ -213,3 +213,31 @@ def test_torch_compile_composes_with_sequence_parallel(base_dir, tmp_path, model
         assert plan == (1, 2, 1, 1)
         diff = np.abs(_pixels(got) - _pixels(ref))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.02
+
+
+def test_data_parallel_wrapper_slices_nested_inputs():
+    from comfy.taco_dit.parallel.cfg_parallel import make_data_parallel_wrapper
+
+    class Group:  # rank 1 of 2; all_gather stands in for the other rank with zeros
+        size, rank_in_group = 2, 1
+
+        def all_gather(self, t, dim=0):
+            return torch.cat([torch.zeros_like(t), t], dim=dim)
+
+    seen = {}
+
+    def apply_model(x, t, **c):
+        seen.update(x=x, t=t, **c)
+        return x * 2
+
+    x = torch.arange(4.0).reshape(4, 1)
+    args = {"input": x, "timestep": torch.arange(4.0), "cond_or_uncond": [0],
+            "c": {"c_crossattn": torch.arange(8.0).reshape(4, 2), "guidance": torch.tensor([3.5]),
+                  "control": {"output": [torch.arange(4.0).reshape(4, 1), None]},
+                  "transformer_options": {"patches_replace": {"dit": {("double_block", 0): print}}}}}
+    out = make_data_parallel_wrapper(Group())(apply_model, args)
+    assert seen["x"].tolist() == [[2.0], [3.0]] and seen["t"].tolist() == [2.0, 3.0]
+    assert seen["c_crossattn"].shape == (2, 2) and seen["guidance"].tolist() == [3.5]  # not a batch tensor
+    assert seen["control"]["output"][0].tolist() == [[2.0], [3.0]] and seen["control"]["output"][1] is None
+    assert ("double_block", 0) in seen["transformer_options"]["patches_replace"]["dit"]
+    assert out.tolist() == [[0.0], [0.0], [4.0], [6.0]]

@@ -36,10 +36,14 @@ def make_cfg_parallel_calc(group: GroupHandle):
 
 
 def _slice_batch(value, batch: int, sl: slice):
-    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
-        return value[sl]
-    if isinstance(value, list) and value and all(torch.is_tensor(v) for v in value):
-        return [_slice_batch(v, batch, sl) for v in value]
+    """This rank's slice of every tensor whose first dim is the batch, inside lists and dicts too
+    (ControlNet residuals arrive as {"output": [tensor, ...]})."""
+    if torch.is_tensor(value):
+        return value[sl] if value.ndim > 0 and value.shape[0] == batch else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_slice_batch(v, batch, sl) for v in value)
+    if isinstance(value, dict) and not isinstance(value, type) and all(isinstance(k, str) for k in value):
+        return {k: _slice_batch(v, batch, sl) for k, v in value.items()}
     return value
 
 
