@@ -60,7 +60,8 @@ class SequenceParallelCases:
 class TestFlux(SequenceParallelCases):
     CASE = dict(h=8, w=6, txt_len=5)  # 12 image tokens, 5 text tokens
 
-    def build(self, h, w, txt_len, with_ref=False, hidden_size=64, num_heads=4, depth=2, std=0.2):
+    def build(self, h, w, txt_len, with_ref=False, hidden_size=64, num_heads=4, depth=2, std=0.2,
+              with_control=False):
         from comfy.ldm.flux.model import Flux
 
         torch.manual_seed(0)
@@ -71,12 +72,21 @@ class TestFlux(SequenceParallelCases):
             torch.nn.init.normal_(p, std=std)
         g = torch.Generator().manual_seed(1)
         refs = [torch.randn(1, 4, 4, 4, generator=g)] if with_ref else None
+        control = None
+        if with_control:
+            n = (h // 2) * (w // 2)
+            control = {"input": [torch.randn(1, n, hidden_size, generator=g) for _ in range(depth)],
+                       "output": [None] + [torch.randn(1, n, hidden_size, generator=g) for _ in range(depth - 1)]}
         return model, dict(x=torch.randn(1, 4, h, w, generator=g), ctx=torch.randn(1, txt_len, 32, generator=g),
-                           y=torch.randn(1, 16, generator=g), refs=refs)
+                           y=torch.randn(1, 16, generator=g), refs=refs, control=control)
 
     def run(self, model, i):
         return model(i["x"], torch.tensor([0.7]), i["ctx"], y=i["y"], guidance=torch.tensor([3.5]),
-                     ref_latents=i["refs"])
+                     ref_latents=i["refs"], control=i.get("control"))
+
+    def test_controlnet_residuals_are_split_with_the_tokens(self):
+        # residuals over the main image tokens only (Kontext reference tokens come after them)
+        self.check(2, 2, 1, dict(h=6, w=6, txt_len=5, with_ref=True, with_control=True))
 
     def test_kontext_reference_tokens(self):
         self.check(2, 1, 2, dict(h=6, w=6, txt_len=4, with_ref=True))

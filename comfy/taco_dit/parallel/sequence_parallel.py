@@ -90,6 +90,22 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
     return override
 
 
+def _split_control(control, split: TokenSplit, rank: int):
+    """ControlNet residuals ({"input": [...], "output": [...]}, each [B, n, C] over the first n image
+    tokens) cut like the image tokens: zero-extended to the whole image stream, then this rank's chunk."""
+    if not isinstance(control, dict):
+        return control
+
+    def cut(t):
+        if t is None:
+            return None
+        if t.shape[1] < split.length:
+            t = torch.cat((t, t.new_zeros((t.shape[0], split.length - t.shape[1]) + tuple(t.shape[2:]))), dim=1)
+        return split.local(t, rank, 1)
+
+    return {k: [cut(t) for t in v] if k in ("input", "output") and v is not None else v for k, v in control.items()}
+
+
 def flux_forward_orig(mesh: ParallelMesh):
     """Sequence-parallel replacement for `Flux.forward_orig` (bound to the diffusion model)."""
 
@@ -107,8 +123,9 @@ def flux_forward_orig(mesh: ParallelMesh):
         padded = s_txt.padded != s_txt.length or s_img.padded != s_img.length
         keep = torch.cat((s_txt.keep(), s_img.keep()), dim=1).reshape(-1).to(img.device) if padded else None
         opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
-        img_l, txt_l = model.run_double_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts)
-        img_l = model.run_single_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts)
+        control = _split_control(control, s_img, r)
+        img_l, txt_l = model.run_double_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts, control)
+        img_l = model.run_single_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts, control)
         # The final layer is per token, so gathering its (narrower) output equals gathering before it.
         out_l = model.final(img_l, vec)
         return gather_tokens(out_l, sp, s_img, dim=1)
