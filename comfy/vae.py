@@ -94,6 +94,7 @@ class VAE:
         self.downscale_ratio = self.upscale_ratio = 2 ** (len(config["ch_mult"]) - 1)
         self.latent_dim = 2
         self.patcher = self._make_patcher()
+        self._fit_preview_map()
 
     def _init_wan(self, sd: dict, name: str) -> None:
         from comfy.ldm.wan.vae import WanVAE, check_wan_vae_keys, wan_vae_config_from_state_dict
@@ -111,6 +112,14 @@ class VAE:
         self.temporal_compression = model.temporal_compression
         self.latent_dim = 3
         self.patcher = self._make_patcher()
+        self._fit_preview_map()
+
+    def _fit_preview_map(self) -> None:
+        # latent2rgb previews come from a map fitted on this VAE's own decodes (no copied tables); a
+        # no-op unless --preview-method is on, and a failed fit only loses the preview (it logs why)
+        from comfy.latent_preview_fit import maybe_fit_for_vae
+
+        maybe_fit_for_vae(self)
 
     def _make_patcher(self):
         try:
