@@ -36,15 +36,15 @@ class SD3(LatentFormat):
     latent_channels = 16
     scale_factor = 1.5305
     shift_factor = 0.0609
-    # No latent2rgb map: the published ones come from other projects' code, which we do not copy, and
-    # a fit needs the real VAE weights. Previews for this family are off (see latent_preview.py).
+    # No fixed latent2rgb table (the published ones live in other projects' code, which we do not copy):
+    # previews use the map comfy/latent_preview_fit.py fits from the VAE the user loads.
 
 
 class Flux(SD3):
     latent_channels = 16
     scale_factor = 0.3611
     shift_factor = 0.1159
-    latent_rgb_factors = None  # no map (see SD3); previews off
+    latent_rgb_factors = None  # no fixed table (see SD3): fitted from the loaded VAE
     latent_rgb_factors_bias = None
     taesd_decoder_name = "taef1_decoder"
 
@@ -55,7 +55,7 @@ class Wan21(LatentFormat):
     latent_channels = 16
     latent_dimensions = 3
     scale_factor = 1.0
-    latent_rgb_factors = None  # no map (see SD3); previews off
+    latent_rgb_factors = None  # no fixed table (see SD3): fitted from the loaded VAE
     # the Wan 2.1 VAE's published per-channel latent statistics
     latents_mean = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)

@@ -1,6 +1,6 @@
 """latent2rgb previews: the previewer applies row c of a format's [C][3] map to channel c of the
 model-space latent (the first frame of a video) and reaches the progress hook; formats without a map
-(Flux, SD3, Wan 2.1: no map of our own yet) give no preview instead of failing.
+(Flux, SD3, Wan 2.1 have no fixed table) give no preview until a VAE fit is registered.
 
 The maps here are synthetic: they test the mechanism, not any published table.
 """
