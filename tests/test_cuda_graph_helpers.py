@@ -35,13 +35,21 @@ def test_cuda_graph_auto_means_multi_gpu_plans_only():
     from comfy.taco_dit.parallel.mesh import MeshDims
     from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable
 
+    class Flux(torch.nn.Linear):  # stands for a family whose capture was verified on GPUs
+        def __init__(self):
+            super().__init__(2, 2)
+
+    class OtherFamily(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(2, 2)
+
     class Patcher:
         load_device = torch.device("cuda")  # never touched: capture happens on the first call only
         patches_uuid = "w0"
 
-        def __init__(self):
+        def __init__(self, family=None):
             self.model = torch.nn.Module()
-            self.model.diffusion_model = torch.nn.Linear(2, 2)
+            self.model.diffusion_model = (family or Flux)()
             self.object_patches = {}
 
         def clone(self):
@@ -56,13 +64,26 @@ def test_cuda_graph_auto_means_multi_gpu_plans_only():
     parallel = model_wrapper.Plan(MeshDims(world_size=2, ulysses=2))
     single = model_wrapper.Plan(MeshDims(world_size=1))
 
-    def wrapped(setting, plan):
-        out = model_wrapper._apply_optimizations(Patcher(), OptimizationConfig(use_cuda_graph=setting), plan)
+    def wrapped(setting, plan, family=None):
+        out = model_wrapper._apply_optimizations(Patcher(family), OptimizationConfig(use_cuda_graph=setting),
+                                                 plan)
         return isinstance(out.object_patches.get("diffusion_model.forward"), CUDAGraphCallable)
 
+    assert "Flux" in model_wrapper.CUDA_GRAPH_VERIFIED
     assert wrapped("auto", parallel) and not wrapped("auto", single) and not wrapped("auto", None)
     assert wrapped(True, None) and not wrapped(False, parallel)
+    # a family not yet captured on GPUs: only when asked for explicitly
+    assert not wrapped("auto", parallel, OtherFamily) and wrapped(True, parallel, OtherFamily)
     cpu = Patcher()
     cpu.load_device = torch.device("cpu")
     out = model_wrapper._apply_optimizations(cpu, OptimizationConfig(use_cuda_graph=True), parallel)
     assert "diffusion_model.forward" not in out.object_patches  # CUDA only
+
+
+def test_a_failed_capture_falls_back_to_eager():
+    from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable
+
+    calls = []
+    g = CUDAGraphCallable(lambda x: calls.append(x) or x + 1)
+    g.failed = True  # what a capture error sets (the capture itself needs a GPU)
+    assert g(torch.tensor(1.0)).item() == 2.0 and len(calls) == 1 and not g.graphs

@@ -220,6 +220,9 @@ def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: b
     return _apply_optimizations(out, config.optimization, plan)
 
 
+# Families whose forward was captured and replayed on GPUs under the parallel plans (benchmarks/RESULTS.md).
+CUDA_GRAPH_VERIFIED = {"Flux"}
+
 # (diffusion model, what the wrapped forward depends on) -> compiled / graphed forward, reused across
 # prompts so compilation and capture happen once per model, layout and weights. Bounded: an entry holds
 # its model (and a CUDA graph its buffers), so switching models must not keep old ones alive.
@@ -238,7 +241,10 @@ def _apply_optimizations(patcher, optimization, plan: Plan | None):
 
     graph_setting = getattr(optimization, "use_cuda_graph", False)
     if graph_setting == AUTO:
-        graph_setting = plan is not None and plan.is_parallel
+        # automatic only where a GPU run has shown the forward captures cleanly (no host syncs or CPU
+        # tensors created inside it); other families use it when asked explicitly
+        graph_setting = (plan is not None and plan.is_parallel
+                         and type(patcher.model.diffusion_model).__name__ in CUDA_GRAPH_VERIFIED)
     use_graph = graph_setting is True and patcher.load_device.type == "cuda"
     use_compile = bool(getattr(optimization, "use_torch_compile", False))
     if not (use_graph or use_compile):

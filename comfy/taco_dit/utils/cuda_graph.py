@@ -12,6 +12,8 @@ copy, so a later replay never overwrites what a caller still holds.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 
@@ -62,14 +64,27 @@ class CUDAGraphCallable:
         # each graph keeps its activations' memory: a user trying many resolutions must not pile them up
         self.max_graphs = max_graphs
         self.graphs: dict = {}
+        self.failed = False
 
     def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.fn(*args, **kwargs)
         key = _signature((args, kwargs))
         entry = self.graphs.pop(key, None)
         if entry is None:
             while len(self.graphs) >= self.max_graphs:
                 del self.graphs[next(iter(self.graphs))]  # least recently used
-            entry = self._capture(args, kwargs)
+            try:
+                entry = self._capture(args, kwargs)
+            except RuntimeError as e:
+                # e.g. the forward syncs with the host or copies a CPU tensor while capturing: run it
+                # eagerly from now on rather than failing the user's prompt
+                self.failed = True
+                self.graphs.clear()
+                logging.getLogger(__name__).warning(
+                    "CUDA graph capture failed (%s); running this model without CUDA graphs", e)
+                torch.cuda.synchronize()
+                return self.fn(*args, **kwargs)
         self.graphs[key] = entry
         static_args, static_kwargs, graph, out = entry
         _copy_into(static_args, args)
