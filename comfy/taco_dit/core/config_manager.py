@@ -96,8 +96,9 @@ class OptimizationConfig:
     use_cuda_graph: Tristate = AUTO
     """Replay each diffusion-model forward as one CUDA graph (captured once per input shape, layout and
     weights): removes the per-kernel launch cost that bounds small per-GPU token counts. CUDA only.
-    "auto": on when a parallel plan splits the work over GPUs (measured faster in every configuration
-    in benchmarks/RESULTS.md), off on a single GPU, where it gains ~1%."""
+    "auto": on when a parallel plan splits the work over GPUs, for the families whose capture was
+    verified on GPUs (model_wrapper.CUDA_GRAPH_VERIFIED; faster in every configuration measured in
+    benchmarks/RESULTS.md); off on a single GPU, where it gains ~1%."""
 
     def __post_init__(self) -> None:
         self.use_flash_attention = _tristate(self.use_flash_attention, "optimization.use_flash_attention")
