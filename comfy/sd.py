@@ -106,9 +106,35 @@ def _build_model(model_config, sd: dict, prefix: str, source: str, requested_dty
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
+_FP8_TYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def dequantize_scaled_fp8(sd: dict, prefix: str = "") -> dict:
+    """"fp8 scaled" diffusion models (e.g. flux1-dev-kontext_fp8_scaled, sd3.5_large_fp8_scaled) store
+    each weight as fp8(w / s) next to `<name>.scale_weight` = s, plus a `scaled_fp8` marker and sometimes
+    `<name>.scale_input`. Multiply the scales back (into bf16) so the model computes with the real
+    weights; without this the fp8 values would load as if they were the weights. Other dicts pass as is."""
+    scaled = [k for k in sd if k.endswith(".scale_weight") and k.startswith(prefix)]
+    if not scaled and (prefix + "scaled_fp8") not in sd and "scaled_fp8" not in sd:
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".scale_weight", ".scale_input")) or k in ("scaled_fp8", prefix + "scaled_fp8"):
+            continue
+        scale = sd.get(k[:-len(".weight")] + ".scale_weight") if k.endswith(".weight") else None
+        if scale is not None:
+            v = (v.to(torch.float32) * scale.to(torch.float32)).to(torch.bfloat16)
+        elif isinstance(v, torch.Tensor) and v.dtype in _FP8_TYPES:
+            v = v.to(torch.bfloat16)
+        out[k] = v
+    logger.info("fp8-scaled weights: %d tensors rescaled to bf16", len(scaled))
+    return out
+
+
 def load_diffusion_model_state_dict(sd: dict, model_options: dict | None = None, source: str = "state dict"):
     """A diffusion-model state dict (bare or with a checkpoint prefix) -> ModelPatcher."""
     model_options = model_options or {}
+    sd = dequantize_scaled_fp8(sd)
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     if not any(k.startswith(prefix) for k in sd) or comfy.model_detection.detect_unet_config(sd, prefix) is None:
         prefix = ""
@@ -204,8 +230,10 @@ def load_state_dict_guess_config(sd: dict, output_vae: bool = True, output_clip:
                          + _hint_for_non_diffusion(sd))
     model = clip = vae = None
     if output_model:
-        stored = comfy.model_detection.weight_dtype(sd, prefix)
-        model = _build_model(model_config, sd, prefix, source, model_options.get("dtype"), stored)
+        unet_sd = dequantize_scaled_fp8({k: v for k, v in sd.items() if k.startswith(prefix)
+                                         or k == "scaled_fp8"}, prefix)
+        stored = comfy.model_detection.weight_dtype(unet_sd, prefix)
+        model = _build_model(model_config, unet_sd, prefix, source, model_options.get("dtype"), stored)
     if output_vae:
         vae_sd = {}
         for p in model_config.vae_key_prefix:
