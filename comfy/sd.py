@@ -245,7 +245,8 @@ def load_state_dict_guess_config(sd: dict, output_vae: bool = True, output_clip:
                              "add a VAELoader node for the VAE file")
         from comfy.vae import VAE
 
-        vae = VAE(sd=model_config.process_vae_state_dict(vae_sd))
+        vae = VAE(sd=model_config.process_vae_state_dict(vae_sd),
+                  name=f"{os.path.basename(name)} (bundled VAE)" if name else f"{source} (bundled VAE)")
     if output_clip:
         te_sds, te_names = [], []
         for te_name, te_prefix in model_config.text_encoders.items():

@@ -72,3 +72,18 @@ def test_scaled_fp8_checkpoint_path():
                                                           source="scaled checkpoint")
     want = _out(comfy.sd.load_diffusion_model_state_dict(dict(real), source="real"))
     torch.testing.assert_close(_out(model), want, rtol=0, atol=0)
+
+
+def test_checkpoint_bundled_vae_is_named_after_the_file(tmp_path):
+    """A decode error for a checkpoint's own VAE names the checkpoint file (CheckpointLoaderSimple path)."""
+    from safetensors.torch import save_file
+
+    import comfy.sd
+
+    demo = _demo()
+    sd = {"model.diffusion_model." + k: v for k, v in demo.random_flux_state_dict(**demo.DEMO_FLUX).items()}
+    sd.update({"vae." + k: v for k, v in demo.random_flux_vae_state_dict().items()})
+    path = tmp_path / "my-flux-checkpoint.safetensors"
+    save_file(sd, str(path))
+    _, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_clip=False)
+    assert vae.name == "my-flux-checkpoint.safetensors (bundled VAE)"
