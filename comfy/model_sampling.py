@@ -99,7 +99,19 @@ def _settings(model_config) -> dict:
     return dict(getattr(model_config, "sampling_settings", None) or {})
 
 
-class ModelSamplingDiscrete(torch.nn.Module, EPS):
+class _SigmaTable(torch.nn.Module):
+    """A schedule held as an ascending `sigmas` buffer (set by each subclass's set_parameters)."""
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+
+class ModelSamplingDiscrete(_SigmaTable, EPS):
     """The 1000-step DDPM schedule of SD1/SDXL-style models (scaled-linear betas by default)."""
 
     def __init__(self, model_config=None, zsnr=None):
@@ -138,14 +150,6 @@ class ModelSamplingDiscrete(torch.nn.Module, EPS):
     def set_sigmas(self, sigmas):
         self.register_buffer("sigmas", sigmas.float())
         self.register_buffer("log_sigmas", sigmas.log().float())
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
     def timestep(self, sigma):
         log_sigma = sigma.log()
@@ -189,7 +193,7 @@ def flux_time_shift(mu: float, sigma: float, t):
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 
 
-class ModelSamplingDiscreteFlow(torch.nn.Module, CONST):
+class ModelSamplingDiscreteFlow(_SigmaTable, CONST):
     """Rectified-flow schedule of SD3 / Wan / AuraFlow: sigma(t) = shift*t / (1 + (shift-1)*t).
 
     `timestep = sigma * multiplier` (1000 for SD3 and Wan, 1.0 for AuraFlow-style models).
@@ -210,14 +214,6 @@ class ModelSamplingDiscreteFlow(torch.nn.Module, CONST):
         ts = self.sigma((torch.arange(1, timesteps + 1, 1) / timesteps) * multiplier)
         self.register_buffer("sigmas", ts)
 
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
-
     def timestep(self, sigma):
         return sigma * self.multiplier
 
@@ -232,7 +228,7 @@ class ModelSamplingDiscreteFlow(torch.nn.Module, CONST):
         return time_snr_shift(self.shift, 1.0 - percent)
 
 
-class ModelSamplingFlux(torch.nn.Module, CONST):
+class ModelSamplingFlux(_SigmaTable, CONST):
     """Flux's schedule: sigma(t) = e^mu / (e^mu + (1/t - 1)), a 10 000-entry table, timestep = sigma.
 
     `shift` is mu (Flux-dev default 1.15; ModelSamplingFlux node computes it from the image size).
@@ -249,14 +245,6 @@ class ModelSamplingFlux(torch.nn.Module, CONST):
         self.shift = shift
         ts = self.sigma(torch.arange(1, timesteps + 1, 1) / timesteps)
         self.register_buffer("sigmas", ts)
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
     def timestep(self, sigma):
         return sigma
