@@ -4,14 +4,11 @@ execution.PromptExecutor into a PNG; plus the sampling parameterisation and the 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import tempfile
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from tests.test_pixart_oracle import random_pixart_state_dict
@@ -109,30 +106,14 @@ def test_pixart_clip_is_unpadded_t5_without_pooled(base_dir):
 
 def test_pixart_workflow_writes_reproducible_png(base_dir):
     import execution
-    import folder_paths
     import nodes
-    from tests.fixtures.harness import FakeServer
+    from tests.fixtures.harness import seeds_give_reproducible_distinct_pngs
 
     write_pixart_files(os.path.join(base_dir, "models"))
     nodes.init_extra_nodes(init_custom_nodes=False)
-    prompt = pixart_prompt()
-    ok, err, outputs, node_errors = execution.validate_prompt("p0", prompt)
+    ok, err, outputs, node_errors = execution.validate_prompt("p0", pixart_prompt())
     assert ok, (err, node_errors)
-    digests, pixels = [], []
-    for seed in (42, 42, 7):
-        ex = execution.PromptExecutor(FakeServer())
-        ex.execute(pixart_prompt(seed), f"pixart-{len(digests)}", {}, outputs)
-        assert ex.success, ex.status_messages
-        img = ex.history_result["outputs"]["9"]["images"][0]
-        path = os.path.join(folder_paths.get_output_directory(), img["subfolder"], img["filename"])
-        with Image.open(path) as im:
-            assert im.size == (64, 64)
-            pixels.append(np.asarray(im.convert("RGB")))
-        with open(path, "rb") as f:
-            digests.append(hashlib.sha256(f.read()).hexdigest())
-    assert len(np.unique(pixels[0])) > 10
-    assert digests[0] == digests[1]                      # same seed, fresh executor: same file
-    assert not np.array_equal(pixels[0], pixels[2])      # another seed, another picture
+    seeds_give_reproducible_distinct_pngs(pixart_prompt, "9", (64, 64), "pixart")
 
 
 def test_sampler_feeds_t5_tokens_to_the_transformer(base_dir):
