@@ -26,7 +26,12 @@ import torch
 
 from comfy.text_encoders import CLIP, _make_patcher, _Slot, _spiece_bytes
 from comfy.text_encoders.encoders import T5_KEY, TextEncoder, _dequantize, t5_config
-from comfy.text_encoders.tokenizers import SentencePieceTokenizer, TokenChunker, tokenizer_dirs
+from comfy.text_encoders.tokenizers import (
+    SentencePieceTokenizer,
+    TokenChunker,
+    find_sentencepiece,
+    tokenizer_dirs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -170,14 +175,9 @@ def load_mt5_tokenizer(name: str, spiece: bytes | None) -> SentencePieceTokenize
     if spiece is not None:
         return SentencePieceTokenizer.from_spiece_bytes(spiece, f"{name} (embedded spiece_model)")
     dirs = _dirs("mt5", "mt5xl", name)
-    for d in dirs:
-        sp = os.path.join(d, "spiece.model")
-        if os.path.isfile(sp):
-            with open(sp, "rb") as f:
-                return SentencePieceTokenizer.from_spiece_bytes(f.read(), sp)
-        tj = os.path.join(d, "tokenizer.json")
-        if os.path.isfile(tj):
-            return SentencePieceTokenizer.from_tokenizer_json(tj)
+    found = find_sentencepiece(dirs)
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"No mT5 tokenizer found for '{name}'. Put the spiece.model of google/mt5-xl (the 'tokenizer_2' folder "
         f"of Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers) in one of: {', '.join(dirs[:3])}")

@@ -248,6 +248,19 @@ def tokenizer_dirs(kind: str, model_path: str | None) -> list[str]:
     return [d for d in dirs if not (d in seen or seen.add(d))]
 
 
+def find_sentencepiece(dirs: list[str]) -> SentencePieceTokenizer | None:
+    """The first spiece.model (or tokenizer.json) in `dirs`, in order; None when there is none."""
+    for d in dirs:
+        sp = os.path.join(d, "spiece.model")
+        if os.path.isfile(sp):
+            with open(sp, "rb") as f:
+                return SentencePieceTokenizer.from_spiece_bytes(f.read(), sp)
+        tj = os.path.join(d, "tokenizer.json")
+        if os.path.isfile(tj):
+            return SentencePieceTokenizer.from_tokenizer_json(tj)
+    return None
+
+
 def load_tokenizer(kind: str, model_path: str | None = None, spiece_bytes: bytes | None = None):
     """The tokenizer for an encoder of `kind`; raises FileNotFoundError naming where to put the files."""
     if kind == "clip":
@@ -258,14 +271,9 @@ def load_tokenizer(kind: str, model_path: str | None = None, spiece_bytes: bytes
     if spiece_bytes is not None:
         return SentencePieceTokenizer.from_spiece_bytes(spiece_bytes, f"{model_path} (embedded spiece_model)")
     dirs = tokenizer_dirs(kind, model_path)
-    for d in dirs:
-        sp = os.path.join(d, "spiece.model")
-        if os.path.isfile(sp):
-            with open(sp, "rb") as f:
-                return SentencePieceTokenizer.from_spiece_bytes(f.read(), sp)
-        tj = os.path.join(d, "tokenizer.json")
-        if os.path.isfile(tj):
-            return SentencePieceTokenizer.from_tokenizer_json(tj)
+    found = find_sentencepiece(dirs)
+    if found is not None:
+        return found
     repo = "google/t5-v1_1-xxl" if kind == "t5" else "google/umt5-xxl"
     raise FileNotFoundError(
         f"No {kind} tokenizer found for '{model_path}'. Put the tokenizer's spiece.model (or tokenizer.json) "
