@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="taco_dit_config.yaml with the parallel configuration.")
     t.add_argument("--taco-parallel", choices=["auto", "on", "off"], default=None)
     t.add_argument("--taco-cfg-parallel", choices=["auto", "on", "off"], default=None)
+    t.add_argument("--taco-vae-parallel", choices=["auto", "on", "off"], default=None,
+                   help="Split VAE decodes of images by rows over the ranks (auto: when there are several).")
     t.add_argument("--taco-ulysses-degree", type=int, default=None)
     t.add_argument("--taco-ring-degree", type=int, default=None)
     t.add_argument("--taco-sequence-parallel-degree", type=int, default=None)

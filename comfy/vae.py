@@ -172,11 +172,44 @@ class VAE:
         if self.latent_dim == 3:
             return self._decode_video(samples)
         self._ensure_loaded()
+        group = self._decode_group(samples)
+        if group is not None:
+            return self._decode_parallel(samples, batch_size, group)
         out = []
         for i in range(0, samples.shape[0], batch_size):
             mm.throw_exception_if_processing_interrupted()
             z = samples[i:i + batch_size].to(self.device, self.vae_dtype)
             out.append(self.first_stage_model.decode(z).float().to(self.output_device))
+        img = torch.cat(out)
+        return ((img + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
+
+    def _decode_group(self, samples: torch.Tensor):
+        """The ranks this decode is split over (TACO-DiT multi-rank runtime, `parallel.vae_parallel`), or None
+        (always in one process: torch.distributed is not initialised). Decided from the configuration and
+        the latent's shape only, so every rank takes the same branch."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        from comfy.taco_dit.parallel.vae_parallel import decode_group
+
+        return decode_group(tuple(samples.shape), self.device)
+
+    def _decode_parallel(self, samples: torch.Tensor, batch_size: int, group) -> torch.Tensor:
+        import comfy.utils
+        from comfy.taco_dit.parallel import vae_parallel
+
+        chunks = range(0, samples.shape[0], batch_size)
+        pbar = comfy.utils.ProgressBar(len(chunks)) if len(chunks) > 1 else None
+        out = []
+        for n, i in enumerate(chunks):
+            if n:
+                # the ranks decode together: an interrupt must stop all of them at the same chunk, which the
+                # runtime's ProgressBar agreement round gives; a rank-local check would strand the others
+                # inside a collective
+                pbar.update_absolute(n)
+            z = samples[i:i + batch_size].to(self.device, self.vae_dtype)
+            out.append(vae_parallel.decode(self.first_stage_model, z, group).float().to(self.output_device))
         img = torch.cat(out)
         return ((img + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
 

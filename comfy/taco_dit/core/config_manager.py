@@ -14,6 +14,8 @@ Owns the schema of `taco_dit_config.yaml`::
       pipeline_parallel_degree: auto
       tensor_parallel: false            # refused for now (later release)
       tensor_parallel_degree: auto
+      vae_parallel: auto       # true / false / auto: split VAE decodes of images by rows over the ranks
+                               # (auto: whenever there are several ranks)
     optimization:
       use_flash_attention: auto
       use_torch_compile: false
@@ -139,12 +141,16 @@ class ParallelConfig:
     tensor_parallel: Tristate = False
     """Weight sharding across ranks. Not available yet."""
     tensor_parallel_degree: Degree = AUTO
+    vae_parallel: Tristate = AUTO
+    """Split each KL image decode (VAEDecode) by latent rows over all ranks (comfy/taco_dit/parallel/
+    vae_parallel.py); every rank ends with the whole image. "auto": on when there are several ranks."""
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
             raise ConfigError(f"world_size must be a positive integer, not {self.world_size!r}")
-        for name in ("enabled", "cfg_parallel", "sequence_parallel", "pipeline_parallel", "tensor_parallel"):
+        for name in ("enabled", "cfg_parallel", "sequence_parallel", "pipeline_parallel", "tensor_parallel",
+                     "vae_parallel"):
             setattr(self, name, _tristate(getattr(self, name), f"parallel.{name}"))
         for name in ("sequence_parallel_degree", "ulysses_degree", "ring_degree", "pipeline_parallel_degree",
                      "tensor_parallel_degree"):
@@ -215,7 +221,7 @@ class ParallelConfig:
                 f"sequence_parallel={self.sequence_parallel} (degree {self.sequence_parallel_degree} = "
                 f"ulysses {self.ulysses_degree} x ring {self.ring_degree}), "
                 f"pipeline_parallel_degree={self.pipeline_parallel_degree}, "
-                f"tensor_parallel_degree={self.tensor_parallel_degree}")
+                f"tensor_parallel_degree={self.tensor_parallel_degree}, vae_parallel={self.vae_parallel}")
 
     def _suggestions(self) -> str:
         w = self.world_size
@@ -258,12 +264,21 @@ class ParallelConfig:
                                               and self.sequence_parallel_degree > 1) \
                 or any(isinstance(d, int) and d > 1 for d in (self.ulysses_degree, self.ring_degree)):
             out.append("sequence_parallel")
+        if self.vae_parallel is True:
+            out.append("vae_parallel")
         return out
 
     @property
+    def vae_parallel_on(self) -> bool:
+        """Whether VAE decodes are split over the ranks (a decode with fewer latent rows than ranks still
+        runs whole on each rank; comfy/taco_dit/parallel/vae_parallel.py decides per decode)."""
+        return self.world_size > 1 and self.enabled is not False and self.vae_parallel is not False
+
+    @property
     def lockstep_only(self) -> bool:
-        """True when every rank runs the whole graph unsplit: parallelism off, or every strategy switched
-        off. "auto" is not lockstep: the sampler's planner may pick strategies per model."""
+        """True when every rank samples unsplit: parallelism off, or every sampling strategy switched off.
+        "auto" is not lockstep: the sampler's planner may pick strategies per model. (The VAE decode may
+        still be split, see `vae_parallel_on`.)"""
         if self.world_size == 1 or self.enabled is False:
             return True
         sp_off = self.sequence_parallel is False or self.sequence_parallel_degree == 1
@@ -317,6 +332,8 @@ def values_from_args(args) -> dict:
         parallel["enabled"] = onoff[args.taco_parallel]
     if getattr(args, "taco_cfg_parallel", None) is not None:
         parallel["cfg_parallel"] = onoff[args.taco_cfg_parallel]
+    if getattr(args, "taco_vae_parallel", None) is not None:
+        parallel["vae_parallel"] = onoff[args.taco_vae_parallel]
     for flag, key in (("taco_ulysses_degree", "ulysses_degree"), ("taco_ring_degree", "ring_degree"),
                       ("taco_sequence_parallel_degree", "sequence_parallel_degree"),
                       ("taco_pipeline_parallel_degree", "pipeline_parallel_degree"),

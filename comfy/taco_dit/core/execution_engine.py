@@ -676,8 +676,11 @@ def run(args, start_server, cache_settings=None) -> None:
     except ConfigError as e:
         log.error("TACO-DiT configuration refused: %s", e)
         sys.exit(2)
-    if config.lockstep_only:
+    if config.lockstep_only and not config.vae_parallel_on:
         log.info("TACO-DiT: %d ranks in pure lockstep (parallel strategies off)", world_size)
+    elif config.lockstep_only:
+        log.info("TACO-DiT: %d ranks sample in lockstep (sampling strategies off); VAE decodes split over "
+                 "the ranks (vae_parallel)", world_size)
     else:
         log.info("TACO-DiT: %d ranks; parallel strategies chosen at sampling time (%s)", world_size,
                  config.describe())
