@@ -25,6 +25,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from comfy.ldm.flux.model import Flux  # noqa: E402
+from comfy.ldm.modules.attention import attention_backend, set_attention_backend  # noqa: E402
 from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh  # noqa: E402
 from comfy.taco_dit.parallel.sequence_parallel import flux_forward_orig  # noqa: E402
 from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable  # noqa: E402
@@ -90,33 +91,61 @@ def card() -> str:
     return torch.cuda.get_device_name(0)
 
 
+def attention_backends(names: list[str]) -> list[str]:
+    """The --attention choices to loop over ("sdpa": torch's default kernel, "cudnn": cuDNN's fused one)."""
+    return names or [attention_backend()]
+
+
+def diffusers_attention(name: str):
+    """Context for timing diffusers: its own default ("default") or SDPA forced to cuDNN ("cudnn")."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "cudnn":
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True)
+    return contextlib.nullcontext()
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)
+
+
 def run_single(args) -> None:
     dev = torch.device("cuda", 0)
     model = Flux(**FLUX_DEV, dtype=torch.bfloat16, device=dev).eval()
     init_random_(model)
     for size in args.sizes:
         x, t, ctx, y, g = inputs(size, dev)
-        with torch.inference_mode():
-            ms = time_fn(lambda: model(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
-        emit(args.out, {"impl": "taco-dit", "mode": "eager", "gpus": 1, "size": size, "step_ms": round(ms, 2),
-                        "card": card(), "torch": torch.__version__})
-        if args.graph:
-            graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
+        first = None
+        for backend in attention_backends(args.attention):
+            set_attention_backend(backend)
             with torch.inference_mode():
-                ms = time_fn(lambda: graphed(x, t, ctx, y, g), args.warmup, args.iters)
-            emit(args.out, {"impl": "taco-dit", "mode": "cuda_graph", "gpus": 1, "size": size,
-                            "step_ms": round(ms, 2), "card": card()})
-            del graphed
-        if args.compile:
-            compiled = torch.compile(model)
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                compiled(x, t, ctx, y=y, guidance=g)
-                torch.cuda.synchronize()
-                ctime = time.perf_counter() - t0
-                ms = time_fn(lambda: compiled(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
-            emit(args.out, {"impl": "taco-dit", "mode": "compile", "gpus": 1, "size": size,
-                            "step_ms": round(ms, 2), "compile_s": round(ctime, 1), "card": card()})
+                out = model(x, t, ctx, y=y, guidance=g)
+                ms = time_fn(lambda: model(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
+            extra = {} if first is None else {"rel_l2_vs_first_attention": rel_l2(out, first)}
+            first = out if first is None else first
+            emit(args.out, {"impl": "taco-dit", "mode": "eager", "attention": backend, "gpus": 1, "size": size,
+                            "step_ms": round(ms, 2), "card": card(), "torch": torch.__version__, **extra})
+            if args.graph:
+                graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
+                with torch.inference_mode():
+                    ms = time_fn(lambda: graphed(x, t, ctx, y, g), args.warmup, args.iters)
+                emit(args.out, {"impl": "taco-dit", "mode": "cuda_graph", "attention": backend, "gpus": 1,
+                                "size": size, "step_ms": round(ms, 2), "card": card()})
+                del graphed
+            if args.compile:
+                compiled = torch.compile(model)
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    compiled(x, t, ctx, y=y, guidance=g)
+                    torch.cuda.synchronize()
+                    ctime = time.perf_counter() - t0
+                    ms = time_fn(lambda: compiled(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
+                emit(args.out, {"impl": "taco-dit", "mode": "compile", "attention": backend, "gpus": 1,
+                                "size": size, "step_ms": round(ms, 2), "compile_s": round(ctime, 1),
+                                "card": card()})
+        set_attention_backend(None)
     model = None  # free the weights before the diffusers model is built
     torch.cuda.empty_cache()
     if args.diffusers:
@@ -146,10 +175,11 @@ def run_single(args) -> None:
                 return ref(hidden_states=hs, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=ts,
                            img_ids=img_ids, txt_ids=txt_ids, guidance=gd, return_dict=False)
 
-            with torch.inference_mode():
-                ms = time_fn(step, args.warmup, args.iters)
-            emit(args.out, {"impl": "diffusers", "mode": "eager", "gpus": 1, "size": size, "step_ms": round(ms, 2),
-                            "card": card()})
+            for name in args.diffusers_attention:
+                with torch.inference_mode(), diffusers_attention(name):
+                    ms = time_fn(step, args.warmup, args.iters)
+                emit(args.out, {"impl": "diffusers", "mode": "eager", "attention": name, "gpus": 1, "size": size,
+                                "step_ms": round(ms, 2), "card": card()})
 
 
 def run_parallel(args) -> None:
@@ -165,41 +195,48 @@ def run_parallel(args) -> None:
     meshes = {}
     for size in args.sizes:
         x, t, ctx, y, g = inputs(size, dev)
-        with torch.inference_mode():
-            reference = model(x, t, ctx, y=y, guidance=g) if rank == 0 else None
-        for cfg_name in args.configs:
-            u, r = parse_config(cfg_name)
-            if u * r != world:
-                if rank == 0:
-                    print(f"skip {cfg_name}: needs {u * r} ranks, have {world}", flush=True)
-                continue
-            mesh = meshes.get((u, r))
-            if mesh is None:
-                mesh = meshes[(u, r)] = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl")
-            model.forward_orig = flux_forward_orig(mesh).__get__(model, Flux)
-            for mode in ["eager"] + (["cuda_graph"] if args.graph else []):
-                try:
-                    if mode == "eager":
-                        fn = lambda: model(x, t, ctx, y=y, guidance=g)  # noqa: E731
-                    else:
-                        graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
-                        fn = lambda: graphed(x, t, ctx, y, g)  # noqa: E731
-                    with torch.inference_mode():
-                        out = fn()
-                        ms = time_fn(fn, args.warmup, args.iters)
-                except Exception as e:  # report and go on with the next configuration
-                    if rank == 0:
-                        emit(args.out, {"gpus": world, "size": size, "config": cfg_name, "mode": mode,
-                                        "error": f"{type(e).__name__}: {e}"[:300]})
-                    continue
-                if rank == 0:
-                    diff = (out.float() - reference.float()).abs()
-                    rel = (diff.norm() / reference.float().norm()).item()
-                    emit(args.out, {"impl": "taco-dit", "mode": mode, "gpus": world, "size": size,
-                                    "config": cfg_name, "step_ms": round(ms, 2), "max_abs_diff_vs_1gpu":
-                                    round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card()})
-            model.forward_orig = original
+        for backend in attention_backends(args.attention):
+            set_attention_backend(backend)
+            run_parallel_configs(args, model, original, meshes, size, (x, t, ctx, y, g), backend, rank, world)
     dist.destroy_process_group()
+
+
+def run_parallel_configs(args, model, original, meshes, size, batch, backend, rank, world) -> None:
+    x, t, ctx, y, g = batch
+    with torch.inference_mode():
+        reference = model(x, t, ctx, y=y, guidance=g) if rank == 0 else None
+    for cfg_name in args.configs:
+        u, r = parse_config(cfg_name)
+        if u * r != world:
+            if rank == 0:
+                print(f"skip {cfg_name}: needs {u * r} ranks, have {world}", flush=True)
+            continue
+        mesh = meshes.get((u, r))
+        if mesh is None:
+            mesh = meshes[(u, r)] = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl")
+        model.forward_orig = flux_forward_orig(mesh).__get__(model, Flux)
+        for mode in ["eager"] + (["cuda_graph"] if args.graph else []):
+            try:
+                if mode == "eager":
+                    fn = lambda: model(x, t, ctx, y=y, guidance=g)  # noqa: E731
+                else:
+                    graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
+                    fn = lambda: graphed(x, t, ctx, y, g)  # noqa: E731
+                with torch.inference_mode():
+                    out = fn()
+                    ms = time_fn(fn, args.warmup, args.iters)
+            except Exception as e:  # report and go on with the next configuration
+                if rank == 0:
+                    emit(args.out, {"gpus": world, "size": size, "config": cfg_name, "mode": mode,
+                                    "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            if rank == 0:
+                diff = (out.float() - reference.float()).abs()
+                rel = (diff.norm() / reference.float().norm()).item()
+                emit(args.out, {"impl": "taco-dit", "mode": mode, "attention": backend, "gpus": world,
+                                "size": size, "config": cfg_name, "step_ms": round(ms, 2), "max_abs_diff_vs_1gpu":
+                                round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card()})
+        model.forward_orig = original
 
 
 def main() -> None:
@@ -209,6 +246,10 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--diffusers", action="store_true")
     p.add_argument("--graph", action="store_true", help="also time CUDA-graph replay of the forward")
+    p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
+                   help="attention kernels to time ours with (default: the automatic choice)")
+    p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn"],
+                   help="diffusers as shipped ('default') and/or with SDPA forced to cuDNN")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "flux_step.jsonl"))

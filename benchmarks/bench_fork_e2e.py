@@ -241,6 +241,16 @@ def main() -> None:
                   + (" + CUDA graph" if args.cuda_graph else ""), "path": "fork", "run": run,
                   "steps": args.steps, "step_ms": round(statistics.median(steps) * 1000, 2) if steps else None,
                   "end_to_end_s": round(t1 - t0, 3), "png": png, "tag": args.tag}
+        if len(stamps) >= 2:
+            # phases: before the first step (loaders, text, noise, plan), the steps, after the last step
+            # (VAE decode, image to CPU, PNG written); the first step's time is estimated by the median
+            step = statistics.median(steps)
+            record.update(pre_sampling_s=round(stamps[0] - step - t0, 3),
+                          sampling_s=round(stamps[-1] - stamps[0] + step, 3),
+                          post_sampling_s=round(t1 - stamps[-1], 3))
+        from comfy.ldm.modules.attention import attention_backend
+
+        record["attention"] = attention_backend()
     if rank == 0:
         if args.reference and os.path.isfile(args.reference):
             import numpy as np

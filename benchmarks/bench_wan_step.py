@@ -21,8 +21,18 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_flux_step import card, emit, init_random_, parse_config, time_fn  # noqa: E402
+from bench_flux_step import (  # noqa: E402
+    attention_backends,
+    card,
+    diffusers_attention,
+    emit,
+    init_random_,
+    parse_config,
+    rel_l2,
+    time_fn,
+)
 
+from comfy.ldm.modules.attention import set_attention_backend  # noqa: E402
 from comfy.ldm.wan.model import WanModel  # noqa: E402
 from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh  # noqa: E402
 from comfy.taco_dit.parallel.sequence_parallel import wan_forward_orig  # noqa: E402
@@ -64,6 +74,9 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=[])
     p.add_argument("--graph", action="store_true")
     p.add_argument("--diffusers", action="store_true")
+    p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
+                   help="attention kernels to time ours with (default: the automatic choice; N GPUs: the first)")
+    p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn"])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=2)
@@ -106,14 +119,23 @@ def main() -> None:
     where = card() if on_gpu else name
     with torch.inference_mode():
         if world == 1:
-            ms = timed(lambda: model(x, t, ctx))
-            emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager", "gpus": 1,
-                            "step_ms": round(ms, 2), "card": where})
-            if args.graph and on_gpu:
-                graphed = CUDAGraphCallable(lambda a, b, c: model(a, b, c))
-                ms = timed(lambda: graphed(x, t, ctx))
-                emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "cuda_graph", "gpus": 1,
-                                "step_ms": round(ms, 2), "card": where})
+            first = None
+            for backend in attention_backends(args.attention if on_gpu else ["sdpa"]):
+                set_attention_backend(backend)
+                out = model(x, t, ctx)
+                ms = timed(lambda: model(x, t, ctx))
+                extra = {} if first is None else {"rel_l2_vs_first_attention": rel_l2(out, first)}
+                first = out if first is None else first
+                emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager", "attention": backend,
+                                "gpus": 1, "step_ms": round(ms, 2), "card": where, **extra})
+                if args.graph and on_gpu:
+                    graphed = CUDAGraphCallable(lambda a, b, c: model(a, b, c))
+                    ms = timed(lambda: graphed(x, t, ctx))
+                    emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "cuda_graph",
+                                    "attention": backend, "gpus": 1, "step_ms": round(ms, 2), "card": where})
+                    del graphed
+            set_attention_backend(None)
+            first = out = None
             if args.diffusers:
                 model = None
                 if on_gpu:
@@ -121,10 +143,15 @@ def main() -> None:
                 ref = diffusers_wan(cfg, dev, dtype)
                 if on_gpu:
                     init_random_(ref)
-                ms = timed(lambda: ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False))
-                emit(args.out, {"impl": "diffusers", "model": "wan2.1-t2v-14b", "mode": "eager", "gpus": 1,
-                                "step_ms": round(ms, 2), "card": where})
+                for name in args.diffusers_attention if on_gpu else ["default"]:
+                    with diffusers_attention(name):
+                        ms = timed(lambda: ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
+                                               return_dict=False))
+                    emit(args.out, {"impl": "diffusers", "model": "wan2.1-t2v-14b", "mode": "eager", "attention": name,
+                                    "gpus": 1, "step_ms": round(ms, 2), "card": where})
             return
+        backend = attention_backends(args.attention if on_gpu else ["sdpa"])[0]
+        set_attention_backend(backend)
         reference = model(x, t, ctx) if dist.get_rank() == 0 else None
         for name in args.configs:
             u, r = parse_config(name)
@@ -140,7 +167,7 @@ def main() -> None:
                 if dist.get_rank() == 0:
                     diff = (out.float() - reference.float()).abs()
                     emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": mode, "gpus": world,
-                                    "config": name, "step_ms": round(ms, 2),
+                                    "attention": backend, "config": name, "step_ms": round(ms, 2),
                                     "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
                                     "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
                                     "card": where})

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
+# "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
+# shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
 set -uo pipefail
 what="${1:-all}"
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/taco-out}"
@@ -13,6 +15,20 @@ if [ -d .whl ]; then
 fi
 ngpu=$(nvidia-smi -L | wc -l)
 filter() { grep -E '^\{|Error|error:' | grep -v Warning; }
+if [ "$what" = speed ]; then
+  ( CUDA_VISIBLE_DEVICES=0 python3 benchmarks/probe_attention.py --out "$OUT/attention.jsonl" 2>&1 | filter
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --attention sdpa cudnn \
+      --diffusers --diffusers-attention default cudnn --out "$OUT/step.jsonl" 2>&1 | filter ) &
+  ( CUDA_VISIBLE_DEVICES=1 python3 benchmarks/bench_wan_step.py --attention sdpa cudnn --diffusers \
+      --diffusers-attention default cudnn --out "$OUT/wan_step.jsonl" 2>&1 | filter ) &
+  wait
+  [ "$ngpu" -ge 4 ] && torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+    --attention cudnn sdpa --configs u4 --out "$OUT/step.jsonl" 2>&1 | filter
+  [ "$ngpu" -ge 4 ] && torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --graph --configs u4 \
+    --out "$OUT/wan_step.jsonl" 2>&1 | filter
+  torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --configs u2 \
+    --out "$OUT/step.jsonl" 2>&1 | filter
+fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
   [ "$ngpu" -ge 4 ] && torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \

@@ -13,6 +13,8 @@ with ``skip_output_reshape=True`` the result stays ``[B, H, L, D]``.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -32,6 +34,69 @@ def cross_attention_options(transformer_options: dict | None) -> dict:
     return opts
 
 
+# Which kernel runs the unmasked half-precision attention of the DiTs on CUDA:
+#   "cudnn": cuDNN's fused attention, falling back to SDPA's own choice for anything cuDNN refuses. On
+#            Hopper it runs the DiTs' shapes 1.6-1.9x faster than SDPA's FlashAttention-2 kernel
+#            (benchmarks/probe_attention.py; RESULTS.md). torch 2.11's SDPA already prefers cuDNN there
+#            (identical outputs and times); builds that prefer FlashAttention-2 get cuDNN through this;
+#   "sdpa":  torch's default choice (`--use-pytorch-cross-attention`, or TACO_ATTENTION=sdpa).
+# "auto" picks cudnn on compute capability 9.x and sdpa elsewhere.
+_BACKEND_ENV = "TACO_ATTENTION"
+_backend: str | None = None
+_cudnn_refused: dict = {}  # shape key -> why cuDNN refused it (SDPA's choice runs those)
+
+
+def attention_backend() -> str:
+    """The resolved backend name for CUDA attention ("cudnn" or "sdpa")."""
+    global _backend
+    if _backend is None:
+        choice = os.environ.get(_BACKEND_ENV, "auto").strip().lower() or "auto"
+        try:
+            from comfy.cli_args import args
+            if getattr(args, "use_pytorch_cross_attention", False):
+                choice = "sdpa"
+        except Exception:  # noqa: BLE001 - cli args not parsed (library use): keep the env / auto choice
+            pass
+        if choice not in ("auto", "cudnn", "sdpa"):
+            raise ValueError(f"{_BACKEND_ENV}={choice!r}: use auto, cudnn or sdpa")
+        if choice == "auto":
+            choice = "sdpa"
+            if torch.cuda.is_available() and torch.backends.cudnn.is_available():
+                major, _ = torch.cuda.get_device_capability()
+                if major == 9:
+                    choice = "cudnn"
+        _backend = choice
+    return _backend
+
+
+def set_attention_backend(name: str | None) -> None:
+    """Force a backend ("cudnn", "sdpa") or, with None, re-resolve from the environment next call."""
+    global _backend
+    _backend = name
+    _cudnn_refused.clear()
+
+
+def cudnn_refusals() -> dict:
+    """Shapes cuDNN refused since the backend was last set, with its error (benchmarks report these)."""
+    return dict(_cudnn_refused)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for [B, H, L, D] tensors, on the fastest kernel for the device."""
+    if (mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
+            and attention_backend() == "cudnn"):
+        key = (tuple(q.shape), tuple(k.shape), q.dtype)
+        if key not in _cudnn_refused:
+            try:
+                return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0]
+            except RuntimeError as e:  # a layout or size this cuDNN build does not take: SDPA's choice
+                _cudnn_refused[key] = str(e)[:300]
+                logging.warning("cuDNN attention refused q%s k%s %s (%s); torch SDPA runs it", key[0], key[1],
+                                key[2], _cudnn_refused[key])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                    mask: torch.Tensor | None = None, skip_reshape: bool = False,
                    skip_output_reshape: bool = False, **_ignored) -> torch.Tensor:
@@ -48,7 +113,7 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
             mask = mask[:, None]
         if mask.dtype != torch.bool and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = sdpa(q, k, v, mask)
     if skip_output_reshape:
         return out
     b, h, length, d = out.shape

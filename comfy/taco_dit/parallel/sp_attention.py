@@ -11,8 +11,8 @@ The same code runs over gloo on CPU (tests, --cpu) and NCCL on GPUs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from comfy.ldm.modules.attention import sdpa
 from comfy.taco_dit.parallel.mesh import GroupHandle
 
 
@@ -53,7 +53,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Gro
         keep = kv_keep[0] if kv_keep else None
         if keep is not None:
             k, v = k.index_select(2, keep), v.index_select(2, keep)
-        return F.scaled_dot_product_attention(q, k, v)
+        return sdpa(q, k, v)
     out = lse = None
     kv = torch.stack((k, v))
     for step in range(group.size):
