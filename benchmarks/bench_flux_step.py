@@ -96,14 +96,26 @@ def attention_backends(names: list[str]) -> list[str]:
     return names or [attention_backend()]
 
 
+def variants(attention: list[str], fused: list[str]) -> list[tuple[str, str]]:
+    """(attention kernel, fused q/k kernels "on"/"off") pairs to time; sets nothing yet (see use_variant)."""
+    return [(a, f) for f in fused for a in attention_backends(attention)]
+
+
+def use_variant(backend: str, fused: str) -> None:
+    set_attention_backend(backend)
+    os.environ["TACO_FUSED_KERNELS"] = "1" if fused == "on" else "0"
+
+
 def diffusers_attention(name: str):
-    """Context for timing diffusers: its own default ("default") or SDPA forced to cuDNN ("cudnn")."""
+    """Context for timing diffusers: its own default ("default"), or SDPA forced to cuDNN / FlashAttention-2."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if name == "cudnn":
         return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True)
+    if name == "flash":  # FlashAttention-2, SDPA's choice on builds that do not prefer cuDNN
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
     return contextlib.nullcontext()
 
 
@@ -118,20 +130,20 @@ def run_single(args) -> None:
     for size in args.sizes:
         x, t, ctx, y, g = inputs(size, dev)
         first = None
-        for backend in attention_backends(args.attention):
-            set_attention_backend(backend)
+        for backend, fused in variants(args.attention, args.fused):
+            use_variant(backend, fused)
             with torch.inference_mode():
                 out = model(x, t, ctx, y=y, guidance=g)
                 ms = time_fn(lambda: model(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
             extra = {} if first is None else {"rel_l2_vs_first_attention": rel_l2(out, first)}
             first = out if first is None else first
-            emit(args.out, {"impl": "taco-dit", "mode": "eager", "attention": backend, "gpus": 1, "size": size,
+            emit(args.out, {"impl": "taco-dit", "mode": "eager", "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": 1, "size": size,
                             "step_ms": round(ms, 2), "card": card(), "torch": torch.__version__, **extra})
             if args.graph:
                 graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
                 with torch.inference_mode():
                     ms = time_fn(lambda: graphed(x, t, ctx, y, g), args.warmup, args.iters)
-                emit(args.out, {"impl": "taco-dit", "mode": "cuda_graph", "attention": backend, "gpus": 1,
+                emit(args.out, {"impl": "taco-dit", "mode": "cuda_graph", "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": 1,
                                 "size": size, "step_ms": round(ms, 2), "card": card()})
                 del graphed
             if args.compile:
@@ -142,7 +154,7 @@ def run_single(args) -> None:
                     torch.cuda.synchronize()
                     ctime = time.perf_counter() - t0
                     ms = time_fn(lambda: compiled(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
-                emit(args.out, {"impl": "taco-dit", "mode": "compile", "attention": backend, "gpus": 1,
+                emit(args.out, {"impl": "taco-dit", "mode": "compile", "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": 1,
                                 "size": size, "step_ms": round(ms, 2), "compile_s": round(ctime, 1),
                                 "card": card()})
         set_attention_backend(None)
@@ -195,8 +207,8 @@ def run_parallel(args) -> None:
     meshes = {}
     for size in args.sizes:
         x, t, ctx, y, g = inputs(size, dev)
-        for backend in attention_backends(args.attention):
-            set_attention_backend(backend)
+        for backend, fused in variants(args.attention, args.fused):
+            use_variant(backend, fused)
             run_parallel_configs(args, model, original, meshes, size, (x, t, ctx, y, g), backend, rank, world)
     dist.destroy_process_group()
 
@@ -233,7 +245,7 @@ def run_parallel_configs(args, model, original, meshes, size, batch, backend, ra
             if rank == 0:
                 diff = (out.float() - reference.float()).abs()
                 rel = (diff.norm() / reference.float().norm()).item()
-                emit(args.out, {"impl": "taco-dit", "mode": mode, "attention": backend, "gpus": world,
+                emit(args.out, {"impl": "taco-dit", "mode": mode, "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": world,
                                 "size": size, "config": cfg_name, "step_ms": round(ms, 2), "max_abs_diff_vs_1gpu":
                                 round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card()})
         model.forward_orig = original
@@ -248,7 +260,9 @@ def main() -> None:
     p.add_argument("--graph", action="store_true", help="also time CUDA-graph replay of the forward")
     p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
                    help="attention kernels to time ours with (default: the automatic choice)")
-    p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn"],
+    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off"],
+                   help="with / without the fused q/k norm + RoPE kernels (comfy/ldm/modules/fused.py)")
+    p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn", "flash"],
                    help="diffusers as shipped ('default') and/or with SDPA forced to cuDNN")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)

@@ -30,6 +30,8 @@ from bench_flux_step import (  # noqa: E402
     parse_config,
     rel_l2,
     time_fn,
+    use_variant,
+    variants,
 )
 
 from comfy.ldm.modules.attention import set_attention_backend  # noqa: E402
@@ -76,7 +78,8 @@ def main() -> None:
     p.add_argument("--diffusers", action="store_true")
     p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
                    help="attention kernels to time ours with (default: the automatic choice; N GPUs: the first)")
-    p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn"])
+    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off"])
+    p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn", "flash"])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=2)
@@ -120,19 +123,19 @@ def main() -> None:
     with torch.inference_mode():
         if world == 1:
             first = None
-            for backend in attention_backends(args.attention if on_gpu else ["sdpa"]):
-                set_attention_backend(backend)
+            for backend, fused in variants(args.attention if on_gpu else ["sdpa"], args.fused):
+                use_variant(backend, fused)
                 out = model(x, t, ctx)
                 ms = timed(lambda: model(x, t, ctx))
                 extra = {} if first is None else {"rel_l2_vs_first_attention": rel_l2(out, first)}
                 first = out if first is None else first
-                emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager", "attention": backend,
+                emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager", "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1",
                                 "gpus": 1, "step_ms": round(ms, 2), "card": where, **extra})
                 if args.graph and on_gpu:
                     graphed = CUDAGraphCallable(lambda a, b, c: model(a, b, c))
                     ms = timed(lambda: graphed(x, t, ctx))
                     emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "cuda_graph",
-                                    "attention": backend, "gpus": 1, "step_ms": round(ms, 2), "card": where})
+                                    "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": 1, "step_ms": round(ms, 2), "card": where})
                     del graphed
             set_attention_backend(None)
             first = out = None
@@ -151,7 +154,7 @@ def main() -> None:
                                     "gpus": 1, "step_ms": round(ms, 2), "card": where})
             return
         backend = attention_backends(args.attention if on_gpu else ["sdpa"])[0]
-        set_attention_backend(backend)
+        use_variant(backend, args.fused[0])
         reference = model(x, t, ctx) if dist.get_rank() == 0 else None
         for name in args.configs:
             u, r = parse_config(name)
@@ -167,7 +170,7 @@ def main() -> None:
                 if dist.get_rank() == 0:
                     diff = (out.float() - reference.float()).abs()
                     emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": mode, "gpus": world,
-                                    "attention": backend, "config": name, "step_ms": round(ms, 2),
+                                    "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "config": name, "step_ms": round(ms, 2),
                                     "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
                                     "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
                                     "card": where})

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comfy.ldm.flux.math import attention
+from comfy.ldm.modules.attention import optimized_attention
+from comfy.ldm.modules.fused import norm_rope
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
@@ -81,6 +82,16 @@ class SelfAttention(nn.Module):
         q, k = self.norm(q, k, v)
         return q, k, v
 
+    def qkv_rope(self, x: torch.Tensor, pe: torch.Tensor | None, q_out: torch.Tensor | None = None,
+                 k_out: torch.Tensor | None = None):
+        """qkv_heads with RoPE applied to q and k, in one fused pass each on CUDA (comfy/ldm/modules/fused.py).
+        `q_out` / `k_out`: where to write them (slices of a joint-sequence buffer), else new tensors."""
+        b, length, _ = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q = norm_rope(q, self.norm.query_norm.scale, 1e-6, pe, out=q_out)
+        k = norm_rope(k, self.norm.key_norm.scale, 1e-6, pe, out=k_out)
+        return q, k, v
+
 
 class Modulation(nn.Module):
     def __init__(self, dim: int, double: bool, dtype=None, device=None, operations=None):
@@ -129,14 +140,20 @@ class DoubleStreamBlock(nn.Module):
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(_modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(_modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-
-        # joint attention: text tokens first, as the checkpoint's RoPE ids are laid out
-        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                         torch.cat((txt_v, img_v), dim=2), pe=pe, mask=attn_mask,
-                         transformer_options=transformer_options)
+        # joint attention over [txt, img] (the order the checkpoint's RoPE ids are laid out in): q and k are
+        # normed and rotated straight into their half of the joint buffers, so no concatenation follows
         txt_len = txt.shape[1]
+        b, joint = img.shape[0], txt_len + img.shape[1]
+        heads, head_dim = self.num_heads, self.hidden_size // self.num_heads
+        q = torch.empty((b, heads, joint, head_dim), dtype=img.dtype, device=img.device)
+        k = torch.empty_like(q)
+        txt_pe, img_pe = (pe[:, :, :txt_len], pe[:, :, txt_len:]) if pe is not None else (None, None)
+        _, _, txt_v = self.txt_attn.qkv_rope(_modulate(self.txt_norm1(txt), txt_shift1, txt_scale1), txt_pe,
+                                             q[:, :, :txt_len], k[:, :, :txt_len])
+        _, _, img_v = self.img_attn.qkv_rope(_modulate(self.img_norm1(img), img_shift1, img_scale1), img_pe,
+                                             q[:, :, txt_len:], k[:, :, txt_len:])
+        attn = optimized_attention(q, k, torch.cat((txt_v, img_v), dim=2), heads, mask=attn_mask,
+                                   skip_reshape=True, transformer_options=transformer_options)
         txt_attn, img_attn = attn[:, :txt_len], attn[:, txt_len:]
 
         img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
@@ -173,9 +190,20 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = torch.split(self.linear1(_modulate(self.pre_norm(x), shift, scale)),
                                [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
         q, k, v = qkv.view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
-        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        q = norm_rope(q, self.norm.query_norm.scale, 1e-6, pe)
+        k = norm_rope(k, self.norm.key_norm.scale, 1e-6, pe)
+        attn = optimized_attention(q, k, v, self.num_heads, mask=attn_mask, skip_reshape=True,
+                                   skip_output_reshape=True, transformer_options=transformer_options)
+        attn = attn.transpose(1, 2)  # [B, L, H, D]
+        if torch.is_grad_enabled() and mlp.requires_grad:  # out= ops do not record gradients
+            joined = torch.cat((attn.reshape(b, length, -1), self.mlp_act(mlp)), dim=2)
+        else:
+            # linear2's input [attention | gelu(mlp)] is filled in place: no concatenation pass
+            joined = torch.empty((b, length, self.hidden_dim + self.mlp_hidden_dim), dtype=x.dtype,
+                                 device=x.device)
+            joined[..., :self.hidden_dim].view(b, length, self.num_heads, -1).copy_(attn)
+            torch.ops.aten.gelu.out(mlp, approximate="tanh", out=joined[..., self.hidden_dim:])
+        out = self.linear2(joined)
         x = torch.addcmul(x, gate, out)
         if x.dtype == torch.float16:
             x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)

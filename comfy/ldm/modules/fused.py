@@ -1,0 +1,186 @@
+"""Fused GPU kernels for the DiTs' per-head q/k work: RMS norm with a learnt scale, then RoPE.
+
+Eager PyTorch spends a large share of a Flux step here (benchmarks/profile_flux_step.py: at 1024² the
+strided-input RMS norm, its copies and the float32 RoPE passes take about a fifth of the GPU time), because
+each op is a separate pass over [B, H, L, D] tensors, RoPE in float32. One Triton kernel reads each q/k row
+once from wherever the projection left it (any strides, last dim contiguous), normalises it, rotates it and
+writes it once, into a new tensor or straight into a slice of a larger one (Flux's joint text+image
+sequence), so no concatenation follows.
+
+Numerics follow the PyTorch path they replace: the norm is computed in float32 and rounded to the
+activation dtype (as F.rms_norm's output is), then RoPE runs in float32 on that rounded value and is
+rounded once more. Results agree with the PyTorch path to within one unit in the last place of bf16/fp16.
+
+Used only for CUDA half-precision tensors, outside torch.compile tracing (Inductor fuses the PyTorch path
+itself), when Triton is importable and `TACO_FUSED_KERNELS` is not "0". The first call per device checks
+the kernel against the PyTorch path on the real input and turns the kernel off, with a warning, if they
+disagree. Everything else takes the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+_state: dict = {"triton": None, "verified": set(), "disabled": False}
+
+
+def _kernel():
+    if _state["triton"] is None:
+        try:
+            import triton
+            import triton.language as tl
+        except Exception:  # noqa: BLE001 - no Triton: PyTorch path
+            _state["triton"] = False
+            return False
+
+        @triton.jit
+        def norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, n_rows, n1, n2, xs0, xs1, xs2, fs0, fs1, fs2,
+                             os0, os1, os2, eps, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+                             NORM: tl.constexpr, ROPE: tl.constexpr):
+            rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+            rmask = rows < n_rows
+            i2 = (rows % n2).to(tl.int64)
+            rest = rows // n2
+            i1 = (rest % n1).to(tl.int64)
+            i0 = (rest // n1).to(tl.int64)
+            j = tl.arange(0, HALF)
+            m = rmask[:, None]
+            xp = x_ptr + (i0 * xs0 + i1 * xs1 + i2 * xs2)[:, None] + 2 * j[None, :]
+            x0 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+            x1 = tl.load(xp + 1, mask=m, other=0.0).to(tl.float32)
+            if NORM:
+                ms = (tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / (2 * HALF)
+                rstd = 1.0 / tl.sqrt(ms + eps)
+                w0 = tl.load(w_ptr + 2 * j).to(tl.float32)
+                w1 = tl.load(w_ptr + 2 * j + 1).to(tl.float32)
+                # rounded to the activation dtype, as the separate norm's output is
+                x0 = (x0 * rstd[:, None] * w0[None, :]).to(o_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+                x1 = (x1 * rstd[:, None] * w1[None, :]).to(o_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+            if ROPE:
+                fp = f_ptr + (i0 * fs0 + i1 * fs1 + i2 * fs2)[:, None] + 4 * j[None, :]
+                f00 = tl.load(fp, mask=m, other=0.0)
+                f01 = tl.load(fp + 1, mask=m, other=0.0)
+                f10 = tl.load(fp + 2, mask=m, other=0.0)
+                f11 = tl.load(fp + 3, mask=m, other=0.0)
+                y0 = f00 * x0 + f01 * x1
+                y1 = f10 * x0 + f11 * x1
+            else:
+                y0 = x0
+                y1 = x1
+            op = o_ptr + (i0 * os0 + i1 * os1 + i2 * os2)[:, None] + 2 * j[None, :]
+            tl.store(op, y0.to(o_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+            tl.store(op + 1, y1.to(o_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+
+        _state["triton"] = norm_rope_kernel
+    return _state["triton"]
+
+
+def _enabled() -> bool:
+    return os.environ.get("TACO_FUSED_KERNELS", "1") != "0" and not _state["disabled"]
+
+
+def rope_reference(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE with rotation matrices `freqs` [..., D/2, 2, 2] (broadcast over x [..., D]), float32 maths."""
+    x_ = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    out = freqs[..., 0] * x_[..., 0]
+    out.addcmul_(freqs[..., 1], x_[..., 1])
+    return out.reshape(*x.shape).type_as(x)
+
+
+def norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                        freqs: torch.Tensor | None) -> torch.Tensor:
+    if weight is not None:
+        w = weight if weight.dtype == x.dtype and weight.device == x.device else weight.to(x)
+        x = F.rms_norm(x, (x.shape[-1],), w, eps=eps)
+    return rope_reference(x, freqs) if freqs is not None else x
+
+
+def within_two_ulps_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |out - ref| over rows of the last dim, in units of two bf16 ulps at the row's largest |ref|.
+
+    A rotation mixes the two values of a pair, so a one-ulp difference in the normed input shows up
+    relative to the row's magnitude, not the (possibly tiny) rotated value. Values <= 1 pass.
+    """
+    r = ref.float()
+    scale = r.abs().amax(dim=-1, keepdim=True).clamp_min(2.0 ** -20)
+    two_ulps = torch.exp2(torch.floor(torch.log2(scale)) - 6)  # bf16 keeps 8 significant bits
+    return ((out.float() - r).abs() / two_ulps).max().item()
+
+
+def _launchable(x: torch.Tensor, weight, freqs, out) -> bool:
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.ndim == 4 and x.stride(-1) == 1):
+        return False
+    d = x.shape[-1]
+    if d % 2 or (d // 2) & (d // 2 - 1) or d > 512:  # the kernel takes one power-of-two row of pairs
+        return False
+    if weight is not None and (weight.shape != (d,) or not weight.is_contiguous()):
+        return False
+    if freqs is not None:
+        if freqs.dtype != torch.float32 or freqs.ndim != 6 or tuple(freqs.shape[-3:]) != (d // 2, 2, 2):
+            return False
+        if freqs.stride()[-3:] != (4, 2, 1):
+            return False
+        try:
+            torch.broadcast_shapes(tuple(freqs.shape[:3]), tuple(x.shape[:3]))
+        except RuntimeError:
+            return False
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1):
+        return False
+    return True
+
+
+def _launch(x, weight, eps, freqs, out):
+    kernel = _kernel()
+    n0, n1, n2, d = x.shape
+    if freqs is not None:
+        fe = freqs.expand(n0, n1, n2, *freqs.shape[3:])
+        fstr = fe.stride()[:3]
+    else:
+        fstr = (0, 0, 0)
+    n_rows = n0 * n1 * n2
+    block_r = 16
+    import contextlib
+
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        kernel[((n_rows + block_r - 1) // block_r,)](
+            x, weight if weight is not None else x, freqs if freqs is not None else x, out, n_rows, n1, n2,
+            *x.stride()[:3], *fstr, *out.stride()[:3], float(eps), HALF=d // 2, BLOCK_R=block_r,
+            NORM=weight is not None, ROPE=freqs is not None, num_warps=4)
+    return out
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6,
+              freqs: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """rope(rms_norm(x) * weight) for x [..., D]; either step may be left out (weight / freqs None).
+
+    `out`, if given, receives the result (e.g. a slice of a joint-sequence buffer) and is returned.
+    """
+    if weight is not None and weight.device != x.device or weight is not None and weight.dtype != x.dtype:
+        weight = weight.to(x)
+    fused = (_enabled() and not torch.compiler.is_compiling() and _launchable(x, weight, freqs, out)
+             and _kernel() is not False)
+    if not fused:
+        res = norm_rope_reference(x, weight, eps, freqs)
+        if out is None:
+            return res
+        out.copy_(res)
+        return out
+    target = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if x.device.index not in _state["verified"] and not capturing:
+        ref = norm_rope_reference(x, weight, eps, freqs)
+        _launch(x, weight, eps, freqs, target)
+        err = within_two_ulps_error(target, ref)
+        if err > 1.0:
+            _state["disabled"] = True
+            logging.warning("Fused q/k norm + RoPE kernel disagrees with PyTorch; using the "
+                            "PyTorch path from now on (error %.2f times the allowed two bf16 ulps)", err)
+            target.copy_(ref)
+            return target
+        _state["verified"].add(x.device.index)
+        return target
+    return _launch(x, weight, eps, freqs, target)
