@@ -29,6 +29,44 @@ if [ "$what" = speed ]; then
   torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --configs u2 \
     --out "$OUT/step.jsonl" 2>&1 | filter
 fi
+if [ "$what" = round2 ]; then
+  # A: four one-GPU jobs side by side (Flux steps, Wan 14B steps, the 1-GPU fork path, a profile)
+  ( CUDA_VISIBLE_DEVICES=0 timeout 280 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --fused on off \
+      --diffusers --diffusers-attention default flash --out "$OUT/step.jsonl" 2>&1 | filter ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 280 python3 benchmarks/bench_wan_step.py --fused on off --diffusers \
+      --out "$OUT/wan_step.jsonl" 2>&1 | filter ) &
+  ( export CUDA_VISIBLE_DEVICES=2; timeout 280 bash -c "python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
+      --tag 1gpu --out $OUT/e2e.jsonl; python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpug \
+      --cuda-graph on --out $OUT/e2e.jsonl" 2>&1 | filter ) &
+  ( CUDA_VISIBLE_DEVICES=3 timeout 200 python3 benchmarks/profile_flux_step.py --sizes 1024 2048 \
+      --out "$OUT/profile.jsonl" >/dev/null 2>&1 ) &
+  wait
+  ref=/tmp/taco-bench/1gpu-rank0/output/bench_00002_.png
+  # B: the fork path on 4 GPUs, then Wan and Flux steps under Ulysses 4, then 2 GPUs (two pairs at once)
+  timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | filter
+  timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --graph --configs u4 \
+    --out "$OUT/wan_step.jsonl" 2>&1 | filter
+  timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --configs u4 \
+    --out "$OUT/step.jsonl" 2>&1 | filter
+  ( CUDA_VISIBLE_DEVICES=0,1 timeout 100 torchrun --nproc_per_node=2 --master_port 29611 benchmarks/bench_flux_step.py \
+      --sizes 1024 --graph --configs u2 --out "$OUT/step.jsonl" 2>&1 | filter ) &
+  ( CUDA_VISIBLE_DEVICES=2,3 timeout 100 torchrun --nproc_per_node=2 --master_port 29612 benchmarks/bench_fork_e2e.py \
+      --size 1024 --steps 20 --tag auto2 --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | filter ) &
+  wait
+fi
+if [ "$what" = round3 ]; then
+  # the fork path with CUDA graphs on their default (auto): 1 GPU eager, 4 GPUs, 2 GPUs; launch cost probe
+  ( CUDA_VISIBLE_DEVICES=1 timeout 60 python3 benchmarks/probe_launch.py 2>&1 | filter ) &
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
+    --out "$OUT/e2e.jsonl" 2>&1 | filter
+  wait
+  ref=/tmp/taco-bench/1gpu-rank0/output/bench_00002_.png
+  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | grep -E '^\{|Error|error|CUDA graph|TACO-DiT' | grep -v Warning
+  timeout 80 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
+    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | filter
+fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
   [ "$ngpu" -ge 4 ] && torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
@@ -44,7 +82,7 @@ fi
 if [ "$what" = e2e ] || [ "$what" = all ]; then
   ref=/tmp/taco-bench/1gpu-rank0/output/bench_00002_.png
   python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu --out "$OUT/e2e.jsonl" 2>&1 | filter
-  python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpug --cuda-graph --out "$OUT/e2e.jsonl" 2>&1 | filter
+  python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpug --cuda-graph on --out "$OUT/e2e.jsonl" 2>&1 | filter
   [ "$ngpu" -ge 4 ] && torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
     --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | filter
   torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \

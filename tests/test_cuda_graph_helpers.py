@@ -87,3 +87,16 @@ def test_a_failed_capture_falls_back_to_eager():
     g = CUDAGraphCallable(lambda x: calls.append(x) or x + 1)
     g.failed = True  # what a capture error sets (the capture itself needs a GPU)
     assert g(torch.tensor(1.0)).item() == 2.0 and len(calls) == 1 and not g.graphs
+
+
+def test_signature_ignores_the_per_prompt_conditioning_uuids():
+    import uuid
+
+    def call(ids, cond_or_uncond):
+        return ((torch.zeros(1, 4),), {"transformer_options": {"uuids": ids, "cond_or_uncond": cond_or_uncond,
+                                                               "sigmas": torch.ones(1)}})
+
+    # a new prompt brings new uuids but the same graph; a different batch layout is another graph
+    assert _signature(call([uuid.uuid4()], [0])) == _signature(call([uuid.uuid4()], [0]))
+    assert _signature(call([uuid.uuid4()], [0])) != _signature(call([uuid.uuid4()], [1]))
+    assert _signature(call([uuid.uuid4()], [0])) != _signature(call([uuid.uuid4(), uuid.uuid4()], [0, 1]))

@@ -76,8 +76,8 @@ def test_cpu_tensors_take_the_pytorch_path_exactly():
 def test_a_kernel_that_disagrees_is_turned_off_on_first_use(monkeypatch):
     saved = dict(fused._state)
     fused._state.update(triton=lambda: None, verified=set(), disabled=False)
-    monkeypatch.setattr(fused, "_launchable", lambda *a: True)
-    monkeypatch.setattr(fused, "_launch", lambda x, w, eps, f, out: out.fill_(7.0))
+    monkeypatch.setattr(fused, "_plan", lambda *a: (True, (0, 0, 0)))
+    monkeypatch.setattr(fused, "_launch", lambda x, w, eps, f, out, fstr=None: out.fill_(7.0))
     try:
         x = torch.randn(1, 2, 5, 8)
         freqs = rope(torch.arange(5)[None], 8, 10000.0)[:, None]

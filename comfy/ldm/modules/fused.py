@@ -133,23 +133,41 @@ def _launchable(x: torch.Tensor, weight, freqs, out) -> bool:
     return True
 
 
-def _launch(x, weight, eps, freqs, out):
+_plans: dict = {}  # layout key -> (launchable, freqs strides): the checks run once per layout
+
+
+def _plan(x: torch.Tensor, weight, freqs, out):
+    key = (x.shape, x.stride(), x.dtype, x.device, None if weight is None else (weight.shape, weight.stride()),
+           None if freqs is None else (freqs.shape, freqs.stride(), freqs.dtype),
+           None if out is None else (out.shape, out.stride(), out.dtype))
+    plan = _plans.get(key)
+    if plan is None:
+        ok = _launchable(x, weight, freqs, out)
+        fstr = (0, 0, 0)
+        if ok and freqs is not None:
+            fstr = freqs.expand(*x.shape[:3], *freqs.shape[3:]).stride()[:3]
+        if len(_plans) > 256:
+            _plans.clear()
+        plan = _plans[key] = (ok, fstr)
+    return plan
+
+
+def _launch(x, weight, eps, freqs, out, fstr=None):
     kernel = _kernel()
     n0, n1, n2, d = x.shape
-    if freqs is not None:
-        fe = freqs.expand(n0, n1, n2, *freqs.shape[3:])
-        fstr = fe.stride()[:3]
-    else:
-        fstr = (0, 0, 0)
+    if fstr is None:
+        fstr = freqs.expand(*x.shape[:3], *freqs.shape[3:]).stride()[:3] if freqs is not None else (0, 0, 0)
     n_rows = n0 * n1 * n2
     block_r = 16
-    import contextlib
-
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        kernel[((n_rows + block_r - 1) // block_r,)](
-            x, weight if weight is not None else x, freqs if freqs is not None else x, out, n_rows, n1, n2,
-            *x.stride()[:3], *fstr, *out.stride()[:3], float(eps), HALF=d // 2, BLOCK_R=block_r,
-            NORM=weight is not None, ROPE=freqs is not None, num_warps=4)
+    args = (x, weight if weight is not None else x, freqs if freqs is not None else x, out, n_rows, n1, n2,
+            *x.stride()[:3], *fstr, *out.stride()[:3], float(eps))
+    meta = dict(HALF=d // 2, BLOCK_R=block_r, NORM=weight is not None, ROPE=freqs is not None, num_warps=4)
+    grid = ((n_rows + block_r - 1) // block_r,)
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
     return out
 
 
@@ -161,8 +179,10 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
     """
     if weight is not None and weight.device != x.device or weight is not None and weight.dtype != x.dtype:
         weight = weight.to(x)
-    fused = (_enabled() and not torch.compiler.is_compiling() and _launchable(x, weight, freqs, out)
-             and _kernel() is not False)
+    fused = False
+    if _enabled() and not torch.compiler.is_compiling():
+        fused, fstr = _plan(x, weight, freqs, out)  # CPU tensors are never launchable
+        fused = fused and _kernel() is not False
     if not fused:
         res = norm_rope_reference(x, weight, eps, freqs)
         if out is None:
@@ -173,7 +193,13 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if x.device.index not in _state["verified"] and not capturing:
         ref = norm_rope_reference(x, weight, eps, freqs)
-        _launch(x, weight, eps, freqs, target)
+        try:
+            _launch(x, weight, eps, freqs, target, fstr)
+        except Exception as e:  # noqa: BLE001 - a Triton build that cannot compile it: PyTorch path
+            _state["disabled"] = True
+            logging.warning("Fused q/k norm + RoPE kernel failed (%s); using the PyTorch path", str(e)[:300])
+            target.copy_(ref)
+            return target
         err = within_two_ulps_error(target, ref)
         if err > 1.0:
             _state["disabled"] = True
@@ -183,4 +209,4 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
             return target
         _state["verified"].add(x.device.index)
         return target
-    return _launch(x, weight, eps, freqs, target)
+    return _launch(x, weight, eps, freqs, target, fstr)

@@ -13,11 +13,16 @@ copy, so a later replay never overwrites what a caller still holds.
 from __future__ import annotations
 
 import logging
+import uuid
 
 import torch
 
 
 def _signature(value):
+    if isinstance(value, uuid.UUID):
+        # the sampler tags each conditioning with a fresh uuid per prompt (transformer_options["uuids"]);
+        # bookkeeping only, never compute: keying on it would re-capture the graph on every prompt
+        return ("U",)
     if torch.is_tensor(value):
         return ("T", tuple(value.shape), value.dtype, value.device)
     if isinstance(value, (list, tuple)):
