@@ -28,3 +28,13 @@ def base_dir(tmp_path):
     folder_paths.set_input_directory(saved[2])
     folder_paths.set_temp_directory(saved[3])
     folder_paths.set_user_directory(saved[4])
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A models/ folder holding the small demo models, written once per test module."""
+    from tests.fixtures.demo_models import write_demo_models
+
+    d = tmp_path_factory.mktemp("models")
+    write_demo_models(str(d))
+    return str(d)

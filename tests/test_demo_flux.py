@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 
 import numpy as np
 from PIL import Image
 
+from tests.fixtures.demo_models import write_demo_models
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _demo_script():
-    spec = importlib.util.spec_from_file_location("make_demo_models",
-                                                  os.path.join(ROOT, "scripts", "make_demo_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_demo_models_load_with_the_real_loaders(base_dir):
     import comfy.sd
 
     models = os.path.join(base_dir, "models")
-    paths = _demo_script().write_demo_models(models, seed=0)
+    paths = write_demo_models(models, seed=0)
     assert all(os.path.basename(p).startswith("taco-demo-") for p in paths)
     dev = comfy.sd.load_diffusion_model(os.path.join(models, "diffusion_models", "taco-demo-flux1-dev.safetensors"))
     assert dev.model.diffusion_model.params.guidance_embed
@@ -44,7 +37,7 @@ def test_demo_workflow_runs_and_is_reproducible(base_dir):
     import nodes
     from tests.fixtures.harness import FakeServer
 
-    _demo_script().write_demo_models(os.path.join(base_dir, "models"), seed=0)
+    write_demo_models(os.path.join(base_dir, "models"), seed=0)
     nodes.init_extra_nodes(init_custom_nodes=False)
     with open(os.path.join(ROOT, "demo", "flux_demo_api.json")) as f:
         prompt = json.load(f)

@@ -4,12 +4,12 @@ in pure lockstep write a PNG byte-identical to the one a single process writes."
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 
 import pytest
 
+from tests.fixtures.demo_models import write_demo_models
 from tests.multirank_helpers import (
     ROOT,
     free_port,
@@ -25,17 +25,9 @@ from tests.multirank_helpers import (
 pytestmark = pytest.mark.slow
 
 
-def _write_demo_models(models_dir: str) -> None:
-    spec = importlib.util.spec_from_file_location("make_demo_models",
-                                                  os.path.join(ROOT, "scripts", "make_demo_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.write_demo_models(models_dir, seed=0)
-
-
 def _run_demo(base: str, nproc: int, extra_main: list[str] | None = None, cpu: bool = True) -> tuple[str, dict]:
     make_base(base)
-    _write_demo_models(os.path.join(base, "models"))
+    write_demo_models(os.path.join(base, "models"))
     with open(os.path.join(ROOT, "demo", "flux_demo_api.json")) as f:
         prompt = json.load(f)
     port = free_port()

@@ -12,7 +12,6 @@ the PNG may differ by at most 1 level in a few pixels.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -35,17 +34,6 @@ def _prompt(cfg: float, batch: int, negative: str | None) -> dict:
     if negative is not None:
         prompt["5"] = {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["2", 0]}}
     return prompt
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    spec = importlib.util.spec_from_file_location("make_demo_models", os.path.join(ROOT, "scripts",
-                                                                                    "make_demo_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.write_demo_models(str(d), seed=0)
-    return str(d)
 
 
 def _render(rank, world, models_dir, out_root, prompt, parallel):

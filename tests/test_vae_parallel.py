@@ -15,9 +15,6 @@ happens to fit a tolerance.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -25,7 +22,6 @@ import torch
 from comfy.ldm.models.autoencoder import AutoencoderKL, kl_config_from_state_dict
 from tests.parallel_helpers import run_on_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32_TOL = 1e-4
 FP64_TOL = 1e-9
 
@@ -191,17 +187,6 @@ def test_vae_decode_follows_the_config(tmp_path):
         assert on["shape"] == off["shape"] == (3, 36, 28, 3)
         assert on["split"]["latent_rows"] == (5, 4) and on["diff"] <= FP32_TOL  # 9 rows: 5 + 4
         assert off["split"] == {} and off["exact"]  # vae_parallel: false -> the model's own forward, bit for bit
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    spec = importlib.util.spec_from_file_location("make_demo_models", os.path.join(ROOT, "scripts",
-                                                                                    "make_demo_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.write_demo_models(str(d), seed=0)
-    return str(d)
 
 
 def _render_recording(rank, world, models_dir, out_root, prompt, parallel):
