@@ -215,6 +215,27 @@ def main() -> None:
 
     comfy.utils.set_progress_bar_global_hook = set_hook
 
+    # the phase after sampling, split: VAE decode (GPU synchronised) and the PNG written by SaveImage
+    import comfy.vae
+
+    phases: dict[str, float] = {}
+
+    def timed(owner, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            _sync()
+            start = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                _sync()
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    timed(comfy.vae.VAE, "decode", "vae_decode_s")
+    timed(nodes.SaveImage, "save_images", "save_image_s")
+
     def graphed() -> bool:  # did the sampler run the model as a CUDA graph?
         return any(key[1] == "graph" for key in model_wrapper._wrapped_forwards)
 
@@ -226,6 +247,7 @@ def main() -> None:
         pr = prompt(args.size, args.steps)
         pr["6"]["inputs"]["seed"] = 42 + run
         stamps.clear()
+        phases.clear()
         if lockstep is not None:
             lockstep.begin(f"bench-{run}")
         _sync()
@@ -253,6 +275,7 @@ def main() -> None:
             record.update(pre_sampling_s=round(stamps[0] - step - t0, 3),
                           sampling_s=round(stamps[-1] - stamps[0] + step, 3),
                           post_sampling_s=round(t1 - stamps[-1], 3))
+        record.update({k: round(v, 3) for k, v in phases.items()})
         from comfy.ldm.modules.attention import attention_backend
 
         record["attention"] = attention_backend()
