@@ -103,7 +103,13 @@ def variants(attention: list[str], fused: list[str]) -> list[tuple[str, str]]:
 
 def use_variant(backend: str, fused: str) -> None:
     set_attention_backend(backend)
-    os.environ["TACO_FUSED_KERNELS"] = "1" if fused == "on" else "0"
+    os.environ["TACO_FUSED_KERNELS"] = {"on": "1", "off": "0", "rows": "rows"}[fused]
+
+
+def fused_label():
+    """What results record as "fused": true / false, or "rows" for the whole-row kernel variant."""
+    value = os.environ.get("TACO_FUSED_KERNELS", "1")
+    return "rows" if value == "rows" else value != "0"
 
 
 def diffusers_attention(name: str):
@@ -137,13 +143,13 @@ def run_single(args) -> None:
                 ms = time_fn(lambda: model(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
             extra = {} if first is None else {"rel_l2_vs_first_attention": rel_l2(out, first)}
             first = out if first is None else first
-            emit(args.out, {"impl": "taco-dit", "mode": "eager", "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": 1, "size": size,
+            emit(args.out, {"impl": "taco-dit", "mode": "eager", "attention": backend, "fused": fused_label(), "gpus": 1, "size": size,
                             "step_ms": round(ms, 2), "card": card(), "torch": torch.__version__, **extra})
             if args.graph:
                 graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
                 with torch.inference_mode():
                     ms = time_fn(lambda: graphed(x, t, ctx, y, g), args.warmup, args.iters)
-                emit(args.out, {"impl": "taco-dit", "mode": "cuda_graph", "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": 1,
+                emit(args.out, {"impl": "taco-dit", "mode": "cuda_graph", "attention": backend, "fused": fused_label(), "gpus": 1,
                                 "size": size, "step_ms": round(ms, 2), "card": card()})
                 del graphed
             if args.compile:
@@ -154,7 +160,7 @@ def run_single(args) -> None:
                     torch.cuda.synchronize()
                     ctime = time.perf_counter() - t0
                     ms = time_fn(lambda: compiled(x, t, ctx, y=y, guidance=g), args.warmup, args.iters)
-                emit(args.out, {"impl": "taco-dit", "mode": "compile", "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": 1,
+                emit(args.out, {"impl": "taco-dit", "mode": "compile", "attention": backend, "fused": fused_label(), "gpus": 1,
                                 "size": size, "step_ms": round(ms, 2), "compile_s": round(ctime, 1),
                                 "card": card()})
         set_attention_backend(None)
@@ -245,7 +251,7 @@ def run_parallel_configs(args, model, original, meshes, size, batch, backend, ra
             if rank == 0:
                 diff = (out.float() - reference.float()).abs()
                 rel = (diff.norm() / reference.float().norm()).item()
-                emit(args.out, {"impl": "taco-dit", "mode": mode, "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": world,
+                emit(args.out, {"impl": "taco-dit", "mode": mode, "attention": backend, "fused": fused_label(), "gpus": world,
                                 "size": size, "config": cfg_name, "step_ms": round(ms, 2), "max_abs_diff_vs_1gpu":
                                 round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card()})
         model.forward_orig = original
@@ -260,7 +266,7 @@ def main() -> None:
     p.add_argument("--graph", action="store_true", help="also time CUDA-graph replay of the forward")
     p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
                    help="attention kernels to time ours with (default: the automatic choice)")
-    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off"],
+    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off", "rows"],
                    help="with / without the fused q/k norm + RoPE kernels (comfy/ldm/modules/fused.py)")
     p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn", "flash"],
                    help="diffusers as shipped ('default') and/or with SDPA forced to cuDNN")

@@ -26,6 +26,7 @@ from bench_flux_step import (  # noqa: E402
     card,
     diffusers_attention,
     emit,
+    fused_label,
     init_random_,
     parse_config,
     rel_l2,
@@ -78,7 +79,7 @@ def main() -> None:
     p.add_argument("--diffusers", action="store_true")
     p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
                    help="attention kernels to time ours with (default: the automatic choice; N GPUs: the first)")
-    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off"])
+    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off", "rows"])
     p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn", "flash"])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")
@@ -129,13 +130,13 @@ def main() -> None:
                 ms = timed(lambda: model(x, t, ctx))
                 extra = {} if first is None else {"rel_l2_vs_first_attention": rel_l2(out, first)}
                 first = out if first is None else first
-                emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager", "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1",
+                emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager", "attention": backend, "fused": fused_label(),
                                 "gpus": 1, "step_ms": round(ms, 2), "card": where, **extra})
                 if args.graph and on_gpu:
                     graphed = CUDAGraphCallable(lambda a, b, c: model(a, b, c))
                     ms = timed(lambda: graphed(x, t, ctx))
                     emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "cuda_graph",
-                                    "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "gpus": 1, "step_ms": round(ms, 2), "card": where})
+                                    "attention": backend, "fused": fused_label(), "gpus": 1, "step_ms": round(ms, 2), "card": where})
                     del graphed
             set_attention_backend(None)
             first = out = None
@@ -170,7 +171,7 @@ def main() -> None:
                 if dist.get_rank() == 0:
                     diff = (out.float() - reference.float()).abs()
                     emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": mode, "gpus": world,
-                                    "attention": backend, "fused": os.environ["TACO_FUSED_KERNELS"] == "1", "config": name, "step_ms": round(ms, 2),
+                                    "attention": backend, "fused": fused_label(), "config": name, "step_ms": round(ms, 2),
                                     "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
                                     "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
                                     "card": where})

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -66,6 +66,16 @@ if [ "$what" = round3 ]; then
     --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | grep -E '^\{|Error|error|CUDA graph|TACO-DiT' | grep -v Warning
   timeout 80 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
     --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | filter
+fi
+if [ "$what" = next ]; then
+  # the kernel variants (strided pairs / whole rows / none) on one GPU, then the fork path on 4 and 1 GPUs
+  CUDA_VISIBLE_DEVICES=0 timeout 60 python3 benchmarks/probe_launch.py 2>&1 | filter
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+    --fused on rows off --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
+    --out "$OUT/e2e.jsonl" 2>&1 | filter
+  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | filter
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

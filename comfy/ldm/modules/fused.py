@@ -15,6 +15,10 @@ Used only for CUDA half-precision tensors, outside torch.compile tracing (Induct
 itself), when Triton is importable and `TACO_FUSED_KERNELS` is not "0". The first call per device checks
 the kernel against the PyTorch path on the real input and turns the kernel off, with a warning, if they
 disagree. Everything else takes the PyTorch path.
+
+`TACO_FUSED_KERNELS=rows` selects a variant that loads and stores whole rows contiguously instead of the
+pairs' strided elements (the timed kernel moves only about 0.5 TB/s; benchmarks/RESULTS.md). It computes
+the same values (tests/test_fused_kernels.py) but has not been timed on a GPU yet, so it is not the default.
 """
 
 from __future__ import annotations
@@ -75,7 +79,44 @@ def _kernel():
             tl.store(op, y0.to(o_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
             tl.store(op + 1, y1.to(o_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
 
+        @triton.jit
+        def norm_rope_kernel_rows(x_ptr, w_ptr, f_ptr, o_ptr, n_rows, n1, n2, xs0, xs1, xs2, fs0, fs1, fs2,
+                                  os0, os1, os2, eps, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+                                  NORM: tl.constexpr, ROPE: tl.constexpr):
+            # the same maths with whole rows loaded and stored contiguously (vector memory access), pairs
+            # separated in registers; opt-in (TACO_FUSED_KERNELS=rows) until timed on a GPU
+            rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+            rmask = rows < n_rows
+            i2 = (rows % n2).to(tl.int64)
+            rest = rows // n2
+            i1 = (rest % n1).to(tl.int64)
+            i0 = (rest // n1).to(tl.int64)
+            c = tl.arange(0, 2 * HALF)
+            m = rmask[:, None]
+            x = tl.load(x_ptr + (i0 * xs0 + i1 * xs1 + i2 * xs2)[:, None] + c[None, :], mask=m, other=0.0)
+            x0, x1 = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_R, HALF, 2]))
+            if NORM:
+                ms = (tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / (2 * HALF)
+                rstd = 1.0 / tl.sqrt(ms + eps)
+                w0, w1 = tl.split(tl.reshape(tl.load(w_ptr + c).to(tl.float32), [HALF, 2]))
+                x0 = (x0 * rstd[:, None] * w0[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)
+                x1 = (x1 * rstd[:, None] * w1[None, :]).to(o_ptr.dtype.element_ty).to(tl.float32)
+            if ROPE:
+                c4 = tl.arange(0, 4 * HALF)
+                f = tl.load(f_ptr + (i0 * fs0 + i1 * fs1 + i2 * fs2)[:, None] + c4[None, :], mask=m, other=0.0)
+                f_a, f_b = tl.split(tl.reshape(f, [BLOCK_R, HALF, 2, 2]))  # [..., r, 0] and [..., r, 1]
+                f00, f10 = tl.split(f_a)
+                f01, f11 = tl.split(f_b)
+                y0 = f00 * x0 + f01 * x1
+                y1 = f10 * x0 + f11 * x1
+            else:
+                y0 = x0
+                y1 = x1
+            y = tl.reshape(tl.join(y0, y1), [BLOCK_R, 2 * HALF]).to(o_ptr.dtype.element_ty)
+            tl.store(o_ptr + (i0 * os0 + i1 * os1 + i2 * os2)[:, None] + c[None, :], y, mask=m)
+
         _state["triton"] = norm_rope_kernel
+        _state["triton_rows"] = norm_rope_kernel_rows
     return _state["triton"]
 
 
@@ -154,6 +195,8 @@ def _plan(x: torch.Tensor, weight, freqs, out):
 
 def _launch(x, weight, eps, freqs, out, fstr=None):
     kernel = _kernel()
+    if os.environ.get("TACO_FUSED_KERNELS") == "rows":
+        kernel = _state["triton_rows"]
     n0, n1, n2, d = x.shape
     if fstr is None:
         fstr = freqs.expand(*x.shape[:3], *freqs.shape[3:]).stride()[:3] if freqs is not None else (0, 0, 0)
@@ -191,7 +234,8 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
         return out
     target = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if x.device.index not in _state["verified"] and not capturing:
+    variant = (x.device.index, os.environ.get("TACO_FUSED_KERNELS") == "rows")  # checked once per kernel
+    if variant not in _state["verified"] and not capturing:
         ref = norm_rope_reference(x, weight, eps, freqs)
         try:
             _launch(x, weight, eps, freqs, target, fstr)
@@ -207,6 +251,6 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
                             "PyTorch path from now on (error %.2f times the allowed two bf16 ulps)", err)
             target.copy_(ref)
             return target
-        _state["verified"].add(x.device.index)
+        _state["verified"].add(variant)
         return target
     return _launch(x, weight, eps, freqs, target, fstr)
