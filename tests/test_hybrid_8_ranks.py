@@ -16,8 +16,6 @@ import tests.test_parallel_strategies as strategies
 import tests.test_sequence_parallel_families as families
 from tests.parallel_helpers import run_on_ranks
 
-models_dir = strategies.models_dir  # the demo-models fixture
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ulysses,ring", [(8, 1), (4, 2), (2, 4)])
