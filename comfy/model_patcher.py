@@ -51,6 +51,19 @@ def _set_param(model: torch.nn.Module, key: str, value: torch.Tensor):
         setattr(mod, parts[-1], value)
 
 
+def set_model_options_post_cfg_function(model_options: dict, post_cfg_function,
+                                        disable_cfg1_optimization: bool = False) -> dict:
+    """Add a post-CFG hook to a model_options dict (ComfyUI's module-level helper, used by CFG++ samplers).
+
+    The hook list is rebuilt, not appended to, so a shallow copy of the options leaves the original alone.
+    """
+    model_options["sampler_post_cfg_function"] = list(model_options.get("sampler_post_cfg_function", [])) + [
+        post_cfg_function]
+    if disable_cfg1_optimization:
+        model_options["disable_cfg1_optimization"] = True
+    return model_options
+
+
 def _copy_options(options: dict) -> dict:
     """Copy model_options deep enough that a clone's edits never leak into its parent."""
     out = dict(options)
