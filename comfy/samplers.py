@@ -420,12 +420,12 @@ class Sampler:
 
 
 KSAMPLER_NAMES = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2",
-                  "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-                  "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-                  "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
-                  "lcm", "ipndm", "ipndm_v", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-                  "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
-                  "er_sde", "seeds_2", "seeds_3"]
+                  "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+                  "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp",
+                  "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
+                  "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "res_multistep", "res_multistep_cfg_pp",
+                  "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+                  "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3"]
 SAMPLER_NAMES = KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"]
 
 
@@ -459,7 +459,33 @@ class KSAMPLER(Sampler):
         return ms.inverse_noise_scaling(sigmas[-1], samples)
 
 
+def _smallest_nonzero_sigma(sigmas):
+    return sigmas[-1] if sigmas[-1] > 0 else sigmas[-2]
+
+
+def _dpm_fast(model, noise, sigmas, extra_args=None, callback=None, disable=None, **options):
+    """dpm_fast over a schedule: as many model calls as steps, from sigmas[0] down to the last nonzero
+    sigma (the result keeps that much noise, as in ComfyUI)."""
+    if len(sigmas) <= 1:
+        return noise
+    return k_diffusion_sampling.sample_dpm_fast(model, noise, _smallest_nonzero_sigma(sigmas), sigmas[0],
+                                                len(sigmas) - 1, extra_args=extra_args, callback=callback,
+                                                disable=disable, **options)
+
+
+def _dpm_adaptive(model, noise, sigmas, extra_args=None, callback=None, disable=None, **options):
+    """dpm_adaptive over a schedule: only its end points are used; the solver picks its own steps."""
+    if len(sigmas) <= 1:
+        return noise
+    return k_diffusion_sampling.sample_dpm_adaptive(model, noise, _smallest_nonzero_sigma(sigmas), sigmas[0],
+                                                    extra_args=extra_args, callback=callback, disable=disable,
+                                                    **options)
+
+
 def ksampler(sampler_name, extra_options=None, inpaint_options=None):
+    if sampler_name in ("dpm_fast", "dpm_adaptive"):
+        fn = _dpm_fast if sampler_name == "dpm_fast" else _dpm_adaptive
+        return KSAMPLER(fn, extra_options, inpaint_options)
     fn = getattr(k_diffusion_sampling, f"sample_{sampler_name}", None)
     if fn is None:
         raise ValueError(f"Unknown sampler {sampler_name!r}; choose one of {', '.join(SAMPLER_NAMES)}")

@@ -27,7 +27,9 @@ def _run(patcher, sampler_name, steps=6, cfg=1.0, scheduler="simple", latent=Non
                                conditioning(neg), latent, denoise=denoise, seed=seed, disable_pbar=True)
 
 
-@pytest.mark.parametrize("name", ALL_SAMPLERS)
+# dpm_fast / dpm_adaptive stop at the schedule's last nonzero sigma, as in ComfyUI
+# (tests/test_sampling_samplers_extra.py checks where they land)
+@pytest.mark.parametrize("name", [n for n in ALL_SAMPLERS if n not in ("dpm_fast", "dpm_adaptive")])
 @pytest.mark.parametrize("flow", [True, False], ids=["flow", "eps"])
 def test_every_sampler_lands_on_a_fixed_x0(name, flow):
     # a denoiser that always predicts the same x0 makes the ODE linear in sigma: every sampler must end there

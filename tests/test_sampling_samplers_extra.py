@@ -1,5 +1,5 @@
-"""The ComfyUI samplers added after the first set: CFG++ variants, res_multistep, gradient_estimation,
-heunpp2, ipndm_v, er_sde, seeds_2/3. Checked against their formulas on fake/analytic denoisers."""
+"""The ComfyUI samplers added after the first set: CFG++ variants, res_multistep, gradient_estimation, dpm_fast,
+dpm_adaptive, heunpp2, ipndm_v, er_sde, seeds_2/3. Checked against their formulas on fake/analytic denoisers."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ CFG_PP_PAIRS = [("euler_cfg_pp", "euler"), ("euler_ancestral_cfg_pp", "euler_anc
                 ("gradient_estimation_cfg_pp", "gradient_estimation")]
 NOISY = ["euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "res_multistep_ancestral",
          "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3"]
-NEW = sorted({n for pair in CFG_PP_PAIRS for n in pair[:1]} | set(NOISY)
+NEW = sorted({n for pair in CFG_PP_PAIRS for n in pair[:1]} | set(NOISY) | {"dpm_fast", "dpm_adaptive"}
              | {"res_multistep", "gradient_estimation", "heunpp2", "ipndm_v"})
 
 
@@ -315,3 +315,86 @@ def test_ksampler_node_with_new_sampler_through_the_executor(monkeypatch):
     torch.testing.assert_close(RESULTS[0], torch.full((1, 4, 4, 4), 0.5), atol=1e-4, rtol=1e-4)
     bad = {**prompt, "2": {**prompt["2"], "inputs": {**prompt["2"]["inputs"], "sampler_name": "no_such"}}}
     assert not execution.validate_prompt("p", bad)[0]
+
+
+# ------------------------------------------------------------------------------------------------ DPM-Solver
+
+
+DPM_SIGMAS = torch.tensor([10.0, 6.0, 3.0, 1.5, 0.8, 0.4, 0.2, 0.0])  # below sigma_max: x_start = 10 * noise
+
+
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+def test_dpm_solvers_end_at_the_last_nonzero_sigma(name):
+    # constant x0 makes eps constant: the exact solution is x0 + sigma * eps, and DPM-Solver is exact on it
+    patcher = make_patcher(_model_sampling(False), const_x0_fn(_x0))
+    out, noise = _sample(patcher, name, DPM_SIGMAS)
+    eps = (10.0 * noise - _x0(1.0)) / 10.0
+    torch.testing.assert_close(out, _x0(1.0) + 0.2 * eps, atol=1e-4, rtol=1e-4)
+    assert min(float(c["sigma"][0]) for c in patcher.model.calls) >= 0.2 - 1e-5  # never evaluated below it
+
+
+@pytest.mark.parametrize("steps,orders", [(5, [3, 2]), (6, [3, 2, 1]), (7, [3, 3, 1])])
+def test_dpm_fast_spends_one_call_per_step(steps, orders):
+    fn, _ = gaussian_fn(_model_sampling(False))
+    patcher = make_patcher(_model_sampling(False), fn)
+    sigmas = ks.get_sigmas_karras(steps, 0.1, 10.0)
+    _sample(patcher, "dpm_fast", sigmas)
+    assert len(patcher.model.calls) == steps == sum(orders)
+    # steps are equal in t = -log(sigma); each starts with an evaluation at its own start
+    starts = [float(c["sigma"][0]) for c in patcher.model.calls]
+    t = torch.linspace(-torch.log(torch.tensor(10.0)), -torch.log(torch.tensor(sigmas[-2])), len(orders) + 1)
+    step_starts = [starts[sum(orders[:k])] for k in range(len(orders))]
+    assert step_starts == pytest.approx([float(v) for v in torch.exp(-t[:-1])], rel=1e-5)
+
+
+def _gaussian_end(sigma_end, x_start, s0=10.0, mu=0.5, s=0.8):
+    return mu + ((s ** 2 + sigma_end ** 2) / (s ** 2 + s0 ** 2)) ** 0.5 * (x_start - mu)
+
+
+def test_dpm_solvers_follow_the_exact_ode_to_sigma_min():
+    fn, _ = gaussian_fn(_model_sampling(False))
+    sigmas = ks.get_sigmas_karras(12, 0.05, 10.0)
+    errors = {}
+    for name, options in [("dpm_fast", None), ("dpm_adaptive", None), ("dpm_adaptive", {"order": 2}),
+                          ("dpm_adaptive", {"rtol": 0.005})]:
+        patcher = make_patcher(_model_sampling(False), fn)
+        out, noise = _sample(patcher, name, sigmas, options=options)
+        errors[(name, str(options))] = (float((out - _gaussian_end(0.05, 10.0 * noise)).abs().max()),
+                                        len(patcher.model.calls))
+    euler, noise = _sample(make_patcher(_model_sampling(False), fn), "euler", sigmas[:-1])
+    euler_err = float((euler - _gaussian_end(0.05, 10.0 * noise)).abs().max())
+    assert errors[("dpm_fast", "None")][0] < 0.1 * euler_err, (errors, euler_err)
+    # default tolerances (rtol 0.05) are loose: still well under Euler with fewer than 2x its calls
+    assert errors[("dpm_adaptive", "None")][0] < 0.5 * euler_err, (errors, euler_err)
+    assert errors[("dpm_adaptive", "{'order': 2}")][0] < 0.5 * euler_err, (errors, euler_err)
+    # a tighter tolerance costs more evaluations and buys accuracy
+    tight, loose = errors[("dpm_adaptive", "{'rtol': 0.005}")], errors[("dpm_adaptive", "None")]
+    assert tight[1] > loose[1] and tight[0] < loose[0], errors
+
+
+def test_dpm_adaptive_reports_its_work():
+    fn, _ = gaussian_fn(_model_sampling(False))
+    calls = []
+
+    def model(x, sigma, **kwargs):
+        calls.append(1)
+        return fn(x, sigma, None)
+
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * 10.0
+    out, info = ks.sample_dpm_adaptive(model, x, torch.tensor(0.05), torch.tensor(10.0), disable=True,
+                                       return_info=True)
+    assert info["nfe"] == len(calls) and info["n_accept"] > 0
+    assert info["steps"] == info["n_accept"] + info["n_reject"]
+    with pytest.raises(ValueError):
+        ks.sample_dpm_adaptive(model, x, torch.tensor(0.0), torch.tensor(10.0), disable=True)
+
+
+def test_dpm_fast_ancestral_is_seeded():
+    fn, _ = gaussian_fn(_model_sampling(False))
+    opts = {"eta": 1.0}
+    a, _ = _sample(make_patcher(_model_sampling(False), fn), "dpm_fast", DPM_SIGMAS, options=opts, seed=1)
+    b, _ = _sample(make_patcher(_model_sampling(False), fn), "dpm_fast", DPM_SIGMAS, options=opts, seed=1)
+    c, _ = _sample(make_patcher(_model_sampling(False), fn), "dpm_fast", DPM_SIGMAS, options=opts, seed=2)
+    d, _ = _sample(make_patcher(_model_sampling(False), fn), "dpm_fast", DPM_SIGMAS, seed=1)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c, atol=1e-3) and not torch.allclose(a, d, atol=1e-3)

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 import torchsde
 from scipy import integrate
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from comfy import model_sampling as ms_mod
 from comfy.k_diffusion.utils import append_dims, append_zero
@@ -1300,3 +1300,212 @@ def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=Non
             w = w * decay.exp() + decay.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_2, sigma_next)
             x = x + w * sigma_next * s_noise
     return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPM-Solver (Lu et al. 2022): noise prediction, time t = -log(sigma); fixed-step "fast" schedule and
+# the adaptive (embedded pair + PID step control) variant. Like ComfyUI (which wraps k-diffusion's),
+# these run from sigma_max down to the schedule's smallest nonzero sigma.
+# ---------------------------------------------------------------------------------------------------
+
+
+class PIDStepSizeController:
+    """Step-size controller for the adaptive solver: h <- h * limiter(prod of inverse errors^b_k)."""
+
+    def __init__(self, h, pcoeff, icoeff, dcoeff, order=1, accept_safety=0.81, eps=1e-8):
+        self.h = h
+        self.exponents = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
+        self.accept_safety = accept_safety
+        self.eps = eps
+        self.history = []  # inverse errors: current, previous accepted, the one before
+
+    @staticmethod
+    def limiter(factor):
+        return 1 + math.atan(factor - 1)
+
+    def propose_step(self, error):
+        inv = 1 / (float(error) + self.eps)
+        if not self.history:
+            self.history = [inv, inv, inv]
+        self.history[0] = inv
+        factor = 1.0
+        for value, power in zip(self.history, self.exponents):
+            factor *= value ** power
+        factor = self.limiter(factor)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.history[2], self.history[1] = self.history[1], self.history[0]
+        self.h *= factor
+        return accept
+
+
+class DPMSolver:
+    """DPM-Solver-1/2/3 single steps on eps = (x - D(x, sigma)) / sigma, with a per-step cache so the
+    embedded lower/higher-order pair of the adaptive solver share their evaluations."""
+
+    def __init__(self, model, extra_args=None, eps_callback=None, info_callback=None):
+        self.model = model
+        self.extra_args = {} if extra_args is None else extra_args
+        self.eps_callback = eps_callback
+        self.info_callback = info_callback
+
+    @staticmethod
+    def t(sigma):
+        return -sigma.log()
+
+    @staticmethod
+    def sigma(t):
+        return t.neg().exp()
+
+    def eps(self, cache, key, x, t):
+        if key not in cache:
+            sigma = self.sigma(t)
+            cache[key] = (x - self.model(x, sigma * x.new_ones([x.shape[0]]), **self.extra_args)) / sigma
+            if self.eps_callback is not None:
+                self.eps_callback()
+        return cache[key]
+
+    def dpm_solver_1_step(self, x, t, t_next, eps_cache=None):
+        cache = {} if eps_cache is None else eps_cache
+        h = t_next - t
+        return x - self.sigma(t_next) * h.expm1() * self.eps(cache, "eps", x, t), cache
+
+    def dpm_solver_2_step(self, x, t, t_next, r1=1 / 2, eps_cache=None):
+        cache = {} if eps_cache is None else eps_cache
+        h = t_next - t
+        e0 = self.eps(cache, "eps", x, t)
+        t1 = t + r1 * h
+        u1 = x - self.sigma(t1) * (r1 * h).expm1() * e0
+        e1 = self.eps(cache, "eps_r1", u1, t1)
+        sig_n = self.sigma(t_next)
+        return x - sig_n * h.expm1() * e0 - sig_n / (2 * r1) * h.expm1() * (e1 - e0), cache
+
+    def dpm_solver_3_step(self, x, t, t_next, r1=1 / 3, r2=2 / 3, eps_cache=None):
+        cache = {} if eps_cache is None else eps_cache
+        h = t_next - t
+        e0 = self.eps(cache, "eps", x, t)
+        t1, t2 = t + r1 * h, t + r2 * h
+        u1 = x - self.sigma(t1) * (r1 * h).expm1() * e0
+        e1 = self.eps(cache, "eps_r1", u1, t1)
+        u2 = (x - self.sigma(t2) * (r2 * h).expm1() * e0
+              - self.sigma(t2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (e1 - e0))
+        e2 = self.eps(cache, "eps_r2", u2, t2)
+        sig_n = self.sigma(t_next)
+        return x - sig_n * h.expm1() * e0 - sig_n / r2 * (h.expm1() / h - 1) * (e2 - e0), cache
+
+    def _ancestral_target(self, t, t_next, t_end, eta):
+        """With eta > 0: the deterministic target time and the noise to add at t_next."""
+        if not eta:
+            return t_next, 0.0
+        sd, _ = get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
+        t_down = torch.minimum(t_end, self.t(sd))
+        return t_down, (self.sigma(t_next) ** 2 - self.sigma(t_down) ** 2) ** 0.5
+
+    def _step(self, order, x, t, t_next, cache, low_r1=False):
+        if order == 1:
+            return self.dpm_solver_1_step(x, t, t_next, eps_cache=cache)[0]
+        if order == 2:
+            return self.dpm_solver_2_step(x, t, t_next, r1=1 / 3 if low_r1 else 1 / 2, eps_cache=cache)[0]
+        return self.dpm_solver_3_step(x, t, t_next, eps_cache=cache)[0]
+
+    def dpm_solver_fast(self, x, t_start, t_end, nfe, eta=0.0, s_noise=1.0, noise_sampler=None):
+        """Spend exactly `nfe` evaluations: equal steps in t, third order except a final 1-2 order tail."""
+        noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+        if not t_end > t_start and eta:
+            raise ValueError("eta must be 0 for reverse sampling")
+        n_steps = nfe // 3 + 1
+        ts = torch.linspace(t_start, t_end, n_steps + 1, device=x.device)
+        orders = [3] * (n_steps - 2) + [2, 1] if nfe % 3 == 0 else [3] * (n_steps - 1) + [nfe % 3]
+        for i, order in enumerate(orders):
+            cache = {}
+            t, t_next = ts[i], ts[i + 1]
+            t_target, noise_amount = self._ancestral_target(t, t_next, t_end, eta)
+            e0 = self.eps(cache, "eps", x, t)
+            if self.info_callback is not None:
+                self.info_callback({"x": x, "i": i, "t": ts[i], "t_up": t, "denoised": x - self.sigma(t) * e0})
+            x = self._step(order, x, t, t_target, cache)
+            x = x + noise_amount * s_noise * noise_sampler(self.sigma(t), self.sigma(t_next))
+        return x
+
+    def dpm_solver_adaptive(self, x, t_start, t_end, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0,
+                            icoeff=1.0, dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0, noise_sampler=None):
+        """Embedded pair (1 in 2, or 2 with r1=1/3 in 3); the scaled difference drives the PID controller."""
+        noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+        if order not in {2, 3}:
+            raise ValueError("order should be 2 or 3")
+        forward = t_end > t_start
+        if not forward and eta:
+            raise ValueError("eta must be 0 for reverse sampling")
+        h_init = abs(h_init) * (1 if forward else -1)
+        atol, rtol = torch.tensor(atol), torch.tensor(rtol)
+        s = t_start
+        x_prev = x
+        pid = PIDStepSizeController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+        info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
+
+        def not_done(s):
+            return s < t_end - 1e-5 if forward else s > t_end + 1e-5
+
+        while not_done(s):
+            cache = {}
+            t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
+            t_target, noise_amount = self._ancestral_target(s, t, t_end, eta)
+            e0 = self.eps(cache, "eps", x, s)
+            denoised = x - self.sigma(s) * e0
+            x_low = self._step(order - 1, x, s, t_target, cache, low_r1=True)
+            x_high = self._step(order, x, s, t_target, cache)
+            scale = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+            error = torch.linalg.norm((x_low - x_high) / scale) / x.numel() ** 0.5
+            if pid.propose_step(error):
+                x_prev = x_low
+                x = x_high + noise_amount * s_noise * noise_sampler(self.sigma(s), self.sigma(t))
+                s = t
+                info["n_accept"] += 1
+            else:
+                info["n_reject"] += 1
+            info["nfe"] += order
+            info["steps"] += 1
+            if self.info_callback is not None:
+                self.info_callback({"x": x, "i": info["steps"] - 1, "t": s, "t_up": s, "denoised": denoised,
+                                    "error": error, "h": pid.h, **info})
+        return x, info
+
+
+def _dpm_solver_for(model, extra_args, callback, pbar):
+    solver = DPMSolver(model, extra_args, eps_callback=pbar.update)
+    if callback is not None:
+        solver.info_callback = lambda info: callback({"sigma": solver.sigma(info["t"]),
+                                                      "sigma_hat": solver.sigma(info["t_up"]), **info})
+    return solver
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.0,
+                    s_noise=1.0, noise_sampler=None):
+    """DPM-Solver-fast with `n` model evaluations from sigma_max to sigma_min (k-diffusion signature;
+    comfy.samplers adapts a sigma schedule to it)."""
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _seeded_noise(x, extra_args, noise_sampler)
+    with tqdm(total=n, disable=disable) as pbar:
+        solver = _dpm_solver_for(model, extra_args, callback, pbar)
+        return solver.dpm_solver_fast(x, solver.t(torch.as_tensor(sigma_max)), solver.t(torch.as_tensor(sigma_min)),
+                                      n, eta, s_noise, noise_sampler)
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81,
+                        eta=0.0, s_noise=1.0, noise_sampler=None, return_info=False):
+    """DPM-Solver-12 / 23 with adaptive steps from sigma_max to sigma_min (k-diffusion signature)."""
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = _seeded_noise(x, extra_args, noise_sampler)
+    with tqdm(disable=disable) as pbar:
+        solver = _dpm_solver_for(model, extra_args, callback, pbar)
+        x, info = solver.dpm_solver_adaptive(x, solver.t(torch.as_tensor(sigma_max)),
+                                             solver.t(torch.as_tensor(sigma_min)), order, rtol, atol, h_init,
+                                             pcoeff, icoeff, dcoeff, accept_safety, eta, s_noise, noise_sampler)
+    return (x, info) if return_info else x
