@@ -423,9 +423,10 @@ KSAMPLER_NAMES = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_c
                   "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
                   "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp",
                   "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
-                  "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "res_multistep", "res_multistep_cfg_pp",
-                  "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
-                  "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3"]
+                  "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+                  "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+                  "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
+                  "sa_solver_pece"]
 SAMPLER_NAMES = KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"]
 
 
@@ -485,6 +486,15 @@ def _dpm_adaptive(model, noise, sigmas, extra_args=None, callback=None, disable=
 def ksampler(sampler_name, extra_options=None, inpaint_options=None):
     if sampler_name in ("dpm_fast", "dpm_adaptive"):
         fn = _dpm_fast if sampler_name == "dpm_fast" else _dpm_adaptive
+        return KSAMPLER(fn, extra_options, inpaint_options)
+    if sampler_name == "deis":
+        from comfy.k_diffusion import deis
+
+        return KSAMPLER(deis.sample_deis, extra_options, inpaint_options)
+    if sampler_name in ("sa_solver", "sa_solver_pece"):
+        from comfy.k_diffusion import sa_solver
+
+        fn = sa_solver.sample_sa_solver if sampler_name == "sa_solver" else sa_solver.sample_sa_solver_pece
         return KSAMPLER(fn, extra_options, inpaint_options)
     fn = getattr(k_diffusion_sampling, f"sample_{sampler_name}", None)
     if fn is None:

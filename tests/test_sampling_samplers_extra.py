@@ -398,3 +398,14 @@ def test_dpm_fast_ancestral_is_seeded():
     d, _ = _sample(make_patcher(_model_sampling(False), fn), "dpm_fast", DPM_SIGMAS, seed=1)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c, atol=1e-3) and not torch.allclose(a, d, atol=1e-3)
+
+
+def test_every_listed_sampler_resolves_to_a_step_function():
+    # what KSampler / KSamplerSelect offer must all be runnable: the complete ComfyUI list, each name bound
+    from comfy.k_diffusion import deis, sa_solver
+
+    assert len(comfy.samplers.KSAMPLER_NAMES) == 39  # all of ComfyUI's k-diffusion-style names
+    for name in comfy.samplers.SAMPLER_NAMES:
+        assert callable(comfy.samplers.sampler_object(name).sampler_function), name
+    assert comfy.samplers.sampler_object("deis").sampler_function is deis.sample_deis
+    assert comfy.samplers.sampler_object("sa_solver_pece").sampler_function is sa_solver.sample_sa_solver_pece
