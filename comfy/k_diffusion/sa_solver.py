@@ -21,13 +21,12 @@ state (predict-evaluate-correct-evaluate), otherwise the prediction at the predi
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 from tqdm.auto import trange
 
 from comfy import model_sampling as ms_mod
+from comfy.k_diffusion.deis import _gauss_legendre, lagrange_weights
 from comfy.k_diffusion.sampling import (
     default_noise_sampler,
     model_sampling_of,
@@ -36,20 +35,6 @@ from comfy.k_diffusion.sampling import (
 )
 
 _QUAD_NODES = 48
-
-
-@lru_cache(maxsize=4)
-def _gauss_legendre(n):
-    return np.polynomial.legendre.leggauss(n)
-
-
-def _lagrange_at(nodes, points):
-    out = np.ones((len(nodes), len(points)))
-    for j, node_j in enumerate(nodes):
-        for k, node_k in enumerate(nodes):
-            if k != j:
-                out[j] *= (points - node_k) / (node_j - node_k)
-    return out
 
 
 def exponential_lagrange_integrals(nodes, lambda_s, lambda_t, tau):
@@ -62,7 +47,7 @@ def exponential_lagrange_integrals(nodes, lambda_s, lambda_t, tau):
     half = 0.5 * (lambda_t - lambda_s)
     lam = lambda_s + half * (u + 1.0)
     kernel = rate * np.exp(rate * (lam - lambda_t))
-    return _lagrange_at(nodes, lam) @ (w * kernel) * half
+    return lagrange_weights(nodes, lam) @ (w * kernel) * half
 
 
 def simple_order2_integrals(nodes, lambda_s, lambda_t, tau, corrector):

@@ -1201,13 +1201,14 @@ def _snr_tools(model):
             partial(sigma_to_half_log_snr, model_sampling=model_sampling))
 
 
-@torch.no_grad()
-def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
-                   noise_sampler=None, r=0.5, solver_type="phi_1"):
-    """SEEDS-2: two-stage stochastic exponential solver in data prediction; the noise of the two
-    sub-steps is correlated so their sum is the exact SDE noise over the whole step."""
-    if solver_type not in {"phi_1", "phi_2"}:
-        raise ValueError("solver_type must be 'phi_1' or 'phi_2'")
+def _seeds_solver(model, x, sigmas, extra_args, callback, disable, noise_sampler, eta, s_noise, stages):
+    """The loop shared by the SEEDS solvers (stochastic exponential Runge-Kutta in data prediction).
+
+    `stages(h_eta)` lists the step's stages as (r, weights): a stage sits at fraction r of the
+    half-log-SNR step (the last one at r = 1, landing on the next sigma) and combines the denoised
+    predictions taken so far with `weights` (None skips one). The noise of successive stages is
+    correlated so that together it is the exact SDE noise over the whole step.
+    """
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = _seeded_noise(x, extra_args, noise_sampler)
     model_sampling, sigma_fn, lambda_fn = _snr_tools(model)
@@ -1217,89 +1218,65 @@ def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=Non
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _cb(callback, x, i, sigma, sigma, denoised)
+        denoised = [model(x, sigma * s_in, **extra_args)]
+        _cb(callback, x, i, sigma, sigma, denoised[0])
         if sigma_next == 0:
-            x = denoised
+            x = denoised[0]
             continue
         lam_s, lam_t = lambda_fn(sigma), lambda_fn(sigma_next)
         h = lam_t - lam_s
-        h_eta = h * (eta + 1)
-        lam_mid = torch.lerp(lam_s, lam_t, r)
-        sigma_mid = sigma_fn(lam_mid)
-        alpha_mid = sigma_mid * lam_mid.exp()
-        alpha_t = sigma_next * lam_t.exp()
+        plan = stages(h * (eta + 1))
+        w, r_prev, sigma_prev = 0.0, 0.0, sigma
+        for n, (r, weights) in enumerate(plan):
+            last = n == len(plan) - 1
+            lam_r = lam_t if last else torch.lerp(lam_s, lam_t, r)
+            sigma_r = sigma_next if last else sigma_fn(lam_r)
+            mix = sum(c * d for c, d in zip(weights, denoised) if c is not None)
+            x_r = sigma_r / sigma * (-r * h * eta).exp() * x - sigma_r * lam_r.exp() * mix
+            if noisy:
+                decay = (r_prev - r) * h * eta
+                w = w * decay.exp() + decay.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_prev, sigma_r)
+                x_r = x_r + w * sigma_r * s_noise
+            if last:
+                x = x_r
+            else:
+                denoised.append(model(x_r, sigma_r * s_in, **extra_args))
+            r_prev, sigma_prev = r, sigma_r
+    return x
 
-        x_mid = sigma_mid / sigma * (-r * h * eta).exp() * x - alpha_mid * _h_phi1(-r * h_eta) * denoised
-        if noisy:
-            w = (-2 * r * h * eta).expm1().neg().sqrt() * noise_sampler(sigma, sigma_mid)
-            x_mid = x_mid + w * sigma_mid * s_noise
-        denoised_mid = model(x_mid, sigma_mid * s_in, **extra_args)
 
-        if solver_type == "phi_1":
-            blend = torch.lerp(denoised, denoised_mid, 1 / (2 * r))
-            x = sigma_next / sigma * (-h * eta).exp() * x - alpha_t * _h_phi1(-h_eta) * blend
+@torch.no_grad()
+def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
+                   noise_sampler=None, r=0.5, solver_type="phi_1"):
+    """SEEDS-2: two-stage stochastic exponential solver in data prediction (one extra stage at r)."""
+    if solver_type not in {"phi_1", "phi_2"}:
+        raise ValueError("solver_type must be 'phi_1' or 'phi_2'")
+
+    def stages(h_eta):
+        if solver_type == "phi_1":  # the final step uses the blend of both predictions at weight 1/(2r)
+            phi = _h_phi1(-h_eta)
+            final = [phi * (1 - 1 / (2 * r)), phi / (2 * r)]
         else:
             c_mid = _h_phi2(-h_eta) / r
-            c_now = _h_phi1(-h_eta) - c_mid
-            x = sigma_next / sigma * (-h * eta).exp() * x - alpha_t * (c_now * denoised + c_mid * denoised_mid)
-        if noisy:
-            decay = (r - 1) * h * eta
-            w = w * decay.exp() + decay.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_mid, sigma_next)
-            x = x + w * sigma_next * s_noise
-    return x
+            final = [_h_phi1(-h_eta) - c_mid, c_mid]
+        return [(r, [_h_phi1(-r * h_eta)]), (1.0, final)]
+
+    return _seeds_solver(model, x, sigmas, extra_args, callback, disable, noise_sampler, eta, s_noise, stages)
 
 
 @torch.no_grad()
 def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                    noise_sampler=None, r_1=1.0 / 3, r_2=2.0 / 3):
-    """SEEDS-3: three-stage stochastic exponential solver in data prediction (stages at r_1 and r_2 of
-    the lambda step), with the same correlated-noise construction as SEEDS-2."""
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = _seeded_noise(x, extra_args, noise_sampler)
-    model_sampling, sigma_fn, lambda_fn = _snr_tools(model)
-    s_noise = s_noise * _noise_scale(model_sampling)
-    noisy = eta > 0 and s_noise > 0
-    sigmas = offset_first_sigma_for_snr(sigmas, model_sampling)
-    s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(sigmas) - 1, disable=disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        _cb(callback, x, i, sigma, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        lam_s, lam_t = lambda_fn(sigma), lambda_fn(sigma_next)
-        h = lam_t - lam_s
-        h_eta = h * (eta + 1)
-        lam_1, lam_2 = torch.lerp(lam_s, lam_t, r_1), torch.lerp(lam_s, lam_t, r_2)
-        sigma_1, sigma_2 = sigma_fn(lam_1), sigma_fn(lam_2)
-        alpha_1, alpha_2 = sigma_1 * lam_1.exp(), sigma_2 * lam_2.exp()
-        alpha_t = sigma_next * lam_t.exp()
+    """SEEDS-3: three-stage stochastic exponential solver in data prediction (stages at r_1 and r_2)."""
 
-        x_1 = sigma_1 / sigma * (-r_1 * h * eta).exp() * x - alpha_1 * _h_phi1(-r_1 * h_eta) * denoised
-        if noisy:
-            w = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise_sampler(sigma, sigma_1)
-            x_1 = x_1 + w * sigma_1 * s_noise
-        denoised_1 = model(x_1, sigma_1 * s_in, **extra_args)
-
+    def stages(h_eta):
         c_1 = r_2 / r_1 * _h_phi2(-r_2 * h_eta)
-        c_0 = _h_phi1(-r_2 * h_eta) - c_1
-        x_2 = sigma_2 / sigma * (-r_2 * h * eta).exp() * x - alpha_2 * (c_0 * denoised + c_1 * denoised_1)
-        if noisy:
-            decay = (r_1 - r_2) * h * eta
-            w = w * decay.exp() + decay.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_1, sigma_2)
-            x_2 = x_2 + w * sigma_2 * s_noise
-        denoised_2 = model(x_2, sigma_2 * s_in, **extra_args)
-
         b_2 = _h_phi2(-h_eta) / r_2
-        b_0 = _h_phi1(-h_eta) - b_2
-        x = sigma_next / sigma * (-h * eta).exp() * x - alpha_t * (b_0 * denoised + b_2 * denoised_2)
-        if noisy:
-            decay = (r_2 - 1) * h * eta
-            w = w * decay.exp() + decay.mul(2).expm1().neg().sqrt() * noise_sampler(sigma_2, sigma_next)
-            x = x + w * sigma_next * s_noise
-    return x
+        return [(r_1, [_h_phi1(-r_1 * h_eta)]),
+                (r_2, [_h_phi1(-r_2 * h_eta) - c_1, c_1]),
+                (1.0, [_h_phi1(-h_eta) - b_2, None, b_2])]
+
+    return _seeds_solver(model, x, sigmas, extra_args, callback, disable, noise_sampler, eta, s_noise, stages)
 
 
 # ---------------------------------------------------------------------------------------------------
