@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
+from tests.fixtures.demo_models import demo_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _demo_module():
-    spec = importlib.util.spec_from_file_location("make_demo_models",
-                                                  os.path.join(ROOT, "scripts", "make_demo_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 CFG = dict(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=24, vec_in_dim=12)
@@ -56,7 +49,7 @@ def test_flux_matches_diffusers(variant):
     from comfy.ldm.flux.model import Flux
 
     guidance = variant == "dev"
-    sd = _demo_module().random_flux_state_dict(**CFG, guidance_embed=guidance, seed=3)
+    sd = demo_script().random_flux_state_dict(**CFG, guidance_embed=guidance, seed=3)
 
     cfg = comfy.model_detection.detect_unet_config(sd, "")
     assert cfg["image_model"] == "flux" and cfg["guidance_embed"] is guidance
@@ -103,7 +96,7 @@ def test_flux_matches_diffusers(variant):
 def test_odd_latent_size_is_padded_and_cropped():
     import comfy.model_detection
     from comfy.ldm.flux.model import Flux
-    sd = _demo_module().random_flux_state_dict(**CFG, guidance_embed=False, seed=1)
+    sd = demo_script().random_flux_state_dict(**CFG, guidance_embed=False, seed=1)
     m = Flux(**comfy.model_detection.detect_unet_config(sd, "")).eval()
     m.load_state_dict(sd)
     x = torch.randn(1, 16, 5, 7)
@@ -119,7 +112,7 @@ def test_kontext_reference_tokens_match_diffusers():
     import comfy.model_detection
     from comfy.ldm.flux.model import Flux
 
-    sd = _demo_module().random_flux_state_dict(**CFG, guidance_embed=True, seed=8)
+    sd = demo_script().random_flux_state_dict(**CFG, guidance_embed=True, seed=8)
     cfg = comfy.model_detection.detect_unet_config(sd, "")
     ours = Flux(**cfg).eval()
     ours.load_state_dict(sd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -12,11 +11,10 @@ from safetensors.torch import save_file
 import comfy.model_base
 import comfy.model_detection
 import comfy.sd
+from tests.fixtures.demo_models import demo_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("make_demo_models", os.path.join(ROOT, "scripts", "make_demo_models.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = demo_script()
 
 CFG = dict(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=3, context_in_dim=24, vec_in_dim=12)
 

@@ -4,20 +4,13 @@ through UNETLoader's path and CheckpointLoaderSimple's."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
+from tests.fixtures.demo_models import demo_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("make_demo_models", os.path.join(ROOT, "scripts",
-                                                                                   "make_demo_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _quantize(sd: dict, prefix: str = "") -> tuple[dict, dict]:
@@ -50,7 +43,7 @@ def _out(patcher):
 def test_scaled_fp8_unet_loads_the_real_weights():
     import comfy.sd
 
-    demo = _demo()
+    demo = demo_script()
     sd = demo.random_flux_state_dict(**demo.DEMO_FLUX, seed=3)
     scaled, real = _quantize(sd)
     got = _out(comfy.sd.load_diffusion_model_state_dict(dict(scaled), source="scaled"))
@@ -65,7 +58,7 @@ def test_scaled_fp8_unet_loads_the_real_weights():
 def test_scaled_fp8_checkpoint_path():
     import comfy.sd
 
-    demo = _demo()
+    demo = demo_script()
     sd = demo.random_flux_state_dict(**demo.DEMO_FLUX, seed=4)
     scaled, real = _quantize(sd, prefix="model.diffusion_model.")
     model, _, _, _ = comfy.sd.load_state_dict_guess_config(scaled, output_vae=False, output_clip=False,
@@ -80,7 +73,7 @@ def test_checkpoint_bundled_vae_is_named_after_the_file(tmp_path):
 
     import comfy.sd
 
-    demo = _demo()
+    demo = demo_script()
     sd = {"model.diffusion_model." + k: v for k, v in demo.random_flux_state_dict(**demo.DEMO_FLUX).items()}
     sd.update({"vae." + k: v for k, v in demo.random_flux_vae_state_dict().items()})
     path = tmp_path / "my-flux-checkpoint.safetensors"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -12,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from tests.fixtures.demo_models import demo_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("make_demo_models", os.path.join(ROOT, "scripts", "make_demo_models.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = demo_script()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ restores the exact weights, strength changes need no reload, and foreign LoRAs a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -13,11 +12,10 @@ import torch
 import comfy.lora
 import comfy.model_detection
 import comfy.sd
+from tests.fixtures.demo_models import demo_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("make_demo_models", os.path.join(ROOT, "scripts", "make_demo_models.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = demo_script()
 
 CFG = dict(hidden_size=32, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=8, vec_in_dim=4)
 H = CFG["hidden_size"]

@@ -4,25 +4,17 @@ execution.PromptExecutor into a PNG; plus the sampling parameterisation and the 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 
 import torch
 from safetensors.torch import save_file
 
+from tests.fixtures.demo_models import demo_script
 from tests.test_pixart_oracle import random_pixart_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T5_WIDTH = 32
-
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("make_demo_models",
-                                                  os.path.join(ROOT, "scripts", "make_demo_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def random_sdxl_vae_state_dict(seed: int = 2) -> dict:
@@ -37,7 +29,7 @@ def random_sdxl_vae_state_dict(seed: int = 2) -> dict:
 
 
 def write_pixart_files(models: str, seed: int = 0) -> None:
-    demo = _demo()
+    demo = demo_script()
     sd = random_pixart_state_dict(hidden_size=144, depth=2, caption_channels=T5_WIDTH, model_max_length=300,
                                   input_size=16, seed=seed)
     os.makedirs(os.path.join(models, "diffusion_models"), exist_ok=True)

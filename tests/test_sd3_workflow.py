@@ -5,7 +5,6 @@ execution.PromptExecutor; plus the loaders' errors for files of another family."
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -16,18 +15,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from tests.fixtures.demo_models import demo_script
 from tests.test_sd3_oracle import random_mmdit_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP_L, CLIP_G, T5_WIDTH = 32, 48, 96   # L + G fit in T5's width, as 768 + 1280 fit in 4096
-
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("make_demo_models",
-                                                  os.path.join(ROOT, "scripts", "make_demo_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _clip_g_state_dict(hidden: int, seed: int = 7) -> dict:
@@ -44,7 +36,7 @@ def _clip_g_state_dict(hidden: int, seed: int = 7) -> dict:
 
 
 def write_sd35_checkpoint(path: str, seed: int = 0) -> None:
-    demo = _demo()
+    demo = demo_script()
     sd = {f"model.diffusion_model.{k}": v for k, v in random_mmdit_state_dict(
         hidden_size=128, depth=2, adm_in_channels=CLIP_L + CLIP_G, context_in_dim=T5_WIDTH, pos_embed_max_size=16,
         qk_norm=True, seed=seed).items()}
@@ -164,7 +156,7 @@ def test_sampler_calls_the_mmdit_with_text_and_pooled(base_dir):
 def test_wrong_family_files_name_the_file(base_dir):
     import nodes
 
-    demo = _demo()
+    demo = demo_script()
     te_dir = os.path.join(base_dir, "models", "text_encoders")
     os.makedirs(te_dir, exist_ok=True)
     save_file(demo.random_clip_l_state_dict(hidden=CLIP_L), os.path.join(te_dir, "clip_l.safetensors"))
