@@ -80,6 +80,18 @@ def default_noise_sampler(x, seed=None):
                                                  generator=generator)
 
 
+def _seeded_noise(x, extra_args, noise_sampler):
+    """The caller's noise sampler, or one seeded from the sampling seed (ComfyUI's extra_args["seed"])."""
+    return default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
+
+
+def _prepare(x, extra_args, noise_sampler=None, noise=True):
+    """What every step loop starts with: (extra_args or {}, the noise sampler or None, a ones [B] to
+    broadcast sigma over the batch)."""
+    extra_args = {} if extra_args is None else extra_args
+    return extra_args, _seeded_noise(x, extra_args, noise_sampler) if noise else None, x.new_ones([x.shape[0]])
+
+
 class BatchedBrownianTree:
     """A torchsde Brownian tree (one per seed) that answers W(t1) - W(t0) for any interval."""
 
@@ -175,6 +187,20 @@ def _churn(sigmas, i, s_churn, s_tmin, s_tmax):
     return 0.0
 
 
+def _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise):
+    """Start of a Karras-style step: optionally raise sigma to sigma_hat with fresh noise ("churn"), then
+    denoise there. Returns (x, sigma_hat, denoised, d = dx/dsigma) and reports the step to `callback`."""
+    gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if gamma > 0:
+        eps = torch.randn_like(x) * s_noise
+        x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+    denoised = model(x, sigma_hat * s_in, **extra_args)
+    d = to_d(x, sigma_hat, denoised)
+    _cb(callback, x, i, sigmas[i], sigma_hat, denoised)
+    return x, sigma_hat, denoised, d
+
+
 def _rf_ancestral(sigma, sigma_next, eta):
     """RF ancestral split: the deterministic target sigma_down, and the re-noise scale and alpha ratio."""
     downstep_ratio = 1 + (sigma_next / sigma - 1) * eta
@@ -198,17 +224,10 @@ def _cb(callback, x, i, sigma, sigma_hat, denoised):
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                  s_tmax=float("inf"), s_noise=1.0):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, _, s_in = _prepare(x, extra_args, noise=False)
     for i in trange(len(sigmas) - 1, disable=disable):
-        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            eps = torch.randn_like(x) * s_noise
-            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
-        _cb(callback, x, i, sigmas[i], sigma_hat, denoised)
+        x, sigma_hat, denoised, d = _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback,
+                                                        s_churn, s_tmin, s_tmax, s_noise)
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
 
@@ -219,9 +238,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     if _is_flow(model):
         return sample_euler_ancestral_RF(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
                                          noise_sampler)
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
@@ -238,9 +255,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 def sample_euler_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                               s_noise=1.0, noise_sampler=None):
     """Ancestral Euler for rectified flow: step to sigma_down along the straight path, then re-noise."""
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
@@ -258,17 +273,10 @@ def sample_euler_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                 s_tmax=float("inf"), s_noise=1.0):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, _, s_in = _prepare(x, extra_args, noise=False)
     for i in trange(len(sigmas) - 1, disable=disable):
-        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            eps = torch.randn_like(x) * s_noise
-            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
-        _cb(callback, x, i, sigmas[i], sigma_hat, denoised)
+        x, sigma_hat, denoised, d = _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback,
+                                                        s_churn, s_tmin, s_tmax, s_noise)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt  # the corrector would evaluate the model at sigma 0
@@ -283,17 +291,10 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                  s_tmax=float("inf"), s_noise=1.0):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, _, s_in = _prepare(x, extra_args, noise=False)
     for i in trange(len(sigmas) - 1, disable=disable):
-        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            eps = torch.randn_like(x) * s_noise
-            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
-        _cb(callback, x, i, sigmas[i], sigma_hat, denoised)
+        x, sigma_hat, denoised, d = _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback,
+                                                        s_churn, s_tmin, s_tmax, s_noise)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)
         else:
@@ -311,9 +312,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     if _is_flow(model):
         return sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
                                          noise_sampler)
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
@@ -334,9 +333,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 @torch.no_grad()
 def sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                               s_noise=1.0, noise_sampler=None):
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, alpha_ratio, renoise_coeff = _rf_ancestral(sigmas[i], sigmas[i + 1], eta)
@@ -372,8 +369,7 @@ def linear_multistep_coeff(order, t, i, j):
 
 @torch.no_grad()
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, _, s_in = _prepare(x, extra_args, noise=False)
     sigmas_cpu = sigmas.detach().cpu().numpy()
     ds = []
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -395,9 +391,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     if _is_flow(model):
         return sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
                                             noise_sampler)
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
 
     def sigma_fn(t):
         return t.neg().exp()
@@ -428,9 +422,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                                  s_noise=1.0, noise_sampler=None):
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
 
     def sigma_fn(lbda):
         return (lbda.exp() + 1) ** -1
@@ -524,8 +516,7 @@ def sample_dpmpp_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disab
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, _, s_in = _prepare(x, extra_args, noise=False)
 
     def sigma_fn(t):
         return t.neg().exp()
@@ -688,9 +679,7 @@ def _ddpm_step(x, sigma, sigma_prev, noise, noise_sampler):
 @torch.no_grad()
 def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
     """Ancestral DDPM posterior sampling, done in VP space (x / sqrt(1 + sigma^2))."""
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
@@ -704,9 +693,7 @@ def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 @torch.no_grad()
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
     """Consistency sampling: jump to the prediction, re-noise it to the next sigma with the model's scaling."""
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
     model_sampling = model_sampling_of(model)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -724,8 +711,7 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
 @torch.no_grad()
 def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
     """Improved PNDM: Adams-Bashforth on dx/dsigma with up to 4 past derivatives."""
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, _, s_in = _prepare(x, extra_args, noise=False)
     x_next = x
     buffer_model = []
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -777,10 +763,6 @@ class _UncondTap:
 
 def _noise_scale(model_sampling):
     return getattr(model_sampling, "noise_scale", 1.0) if model_sampling is not None else 1.0
-
-
-def _seeded_noise(x, extra_args, noise_sampler):
-    return default_noise_sampler(x, seed=extra_args.get("seed")) if noise_sampler is None else noise_sampler
 
 
 @torch.no_grad()
@@ -1043,8 +1025,7 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
                    s_tmax=float("inf"), s_noise=1.0):
     """Heun++: the slope is a sigma-weighted blend of the derivatives at the current point and one or two
     Euler look-aheads (weights sigma_j / (k * sigma_0)); the last step is plain Euler."""
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, _, s_in = _prepare(x, extra_args, noise=False)
     last = sigmas[-1]
     for i in trange(len(sigmas) - 1, disable=disable):
         gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
@@ -1107,8 +1088,7 @@ def _ipndm_v_weights(t_next, nodes):
 def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
     """iPNDM with variable step sizes: Adams-Bashforth on dx/dsigma whose weights follow the actual
     sigma spacing (equal spacing gives ipndm's constant 3/2, 23/12, 55/24 weights)."""
-    extra_args = {} if extra_args is None else extra_args
-    s_in = x.new_ones([x.shape[0]])
+    extra_args, _, s_in = _prepare(x, extra_args, noise=False)
     history = []  # past derivatives, newest first
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
