@@ -7,10 +7,11 @@ forward times of each; the speed target itself is tracked by the benchmarks, not
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
+
+from tests.gpu_timing import mean_seconds
 
 pytestmark = pytest.mark.gpu
 logger = logging.getLogger(__name__)
@@ -33,17 +34,6 @@ def _random_full_flux(device) -> dict:
             scale = (0.5 if "mod" in k else 1.0) / p.shape[1] ** 0.5
             sd[k] = (scale * torch.randn(p.shape, generator=g, device=device)).to(torch.bfloat16)
     return sd
-
-
-def _time(fn, iters=5):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -88,8 +78,8 @@ def test_full_size_flux_matches_diffusers_bf16_and_times():
     with torch.inference_mode():
         a = run_ours().float()
         d = run_theirs().float().view(b, h // 2, w // 2, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 16, h, w)
-        t_ours = _time(run_ours)
-        t_theirs = _time(run_theirs)
+        t_ours = mean_seconds(run_ours)
+        t_theirs = mean_seconds(run_theirs)
         # fp32 reference (our code, fp32 weights): random weights through 57 blocks amplify bf16 rounding,
         # so bf16-vs-bf16 differences say little; each bf16 result is measured against fp32 instead
         with torch.device("meta"):

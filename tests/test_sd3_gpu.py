@@ -7,10 +7,11 @@ reference as diffusers' is, and logs both forward times; speed targets belong to
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
+
+from tests.gpu_timing import mean_seconds
 
 pytestmark = pytest.mark.gpu
 logger = logging.getLogger(__name__)
@@ -39,17 +40,6 @@ def _random_full_sd35(device) -> dict:
             t = ((0.5 if "adaLN" in k else 1.0) / fan_in ** 0.5) * torch.randn(p.shape, generator=g, device=device)
         sd[k] = t.to(torch.bfloat16)
     return sd
-
-
-def _time(fn, iters=5):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -90,8 +80,8 @@ def test_full_size_sd35_large_matches_diffusers_bf16_and_times():
     with torch.inference_mode():
         a = run_ours().float()
         d = run_theirs().float()
-        t_ours = _time(run_ours)
-        t_theirs = _time(run_theirs)
+        t_ours = mean_seconds(run_ours)
+        t_theirs = mean_seconds(run_theirs)
         theirs = None  # free its 16 GB before the fp32 reference
         with torch.device("meta"):
             ref_model = MMDiT(**FULL, dtype=torch.float32)
