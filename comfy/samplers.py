@@ -177,15 +177,93 @@ def _model_sampling(model):
     return model.model_sampling
 
 
+def _mask_bounds(mask: torch.Tensor):
+    """(y0, x0, y1, x1) inclusive bounds of a [H, W] mask's nonzero pixels, or None when it is all zero."""
+    ys = torch.nonzero(mask.abs().amax(dim=1) > 0).flatten()
+    xs = torch.nonzero(mask.abs().amax(dim=0) > 0).flatten()
+    if ys.numel() == 0 or xs.numel() == 0:
+        return None
+    return int(ys[0]), int(xs[0]), int(ys[-1]), int(xs[-1])
+
+
+def resolve_area_and_mask(entry: dict, dims: tuple, device) -> dict:
+    """Fix an entry's area and mask to the latent before the step loop (ComfyUI's semantics).
+
+    `area` is (h, w, y, x) in latent units (more dims: sizes then offsets), or ("percentage", h, w, y, x) as
+    fractions of the latent; `mask` ([B,]H,W) is resized (bilinear) to the latent's spatial size; with
+    `set_area_to_bounds` the area becomes the mask's bounding box (at least 8 x 8).
+    """
+    area = entry.get("area")
+    if area is not None and len(area) > 0 and area[0] == "percentage":
+        frac = list(area[1:])
+        n = len(frac) // 2
+        sizes = tuple(max(1, round(frac[d] * dims[d - n + len(dims)])) for d in range(n))
+        offsets = tuple(round(frac[n + d] * dims[d - n + len(dims)]) for d in range(n))
+        entry["area"] = sizes + offsets
+    mask = entry.get("mask")
+    if mask is not None:
+        mask = mask.to(device=device, dtype=torch.float32)
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        spatial = tuple(dims[-2:])
+        if tuple(mask.shape[-2:]) != spatial:
+            mask = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]), size=spatial,
+                                                   mode="bilinear").reshape(mask.shape[0], *spatial)
+        if entry.get("set_area_to_bounds", False):
+            bounds = _mask_bounds(mask.abs().amax(dim=0))
+            if bounds is None:  # an all-zero mask: the smallest area (the entry adds nothing anyway)
+                entry["area"] = (8, 8, 0, 0)
+            else:
+                y0, x0, y1, x1 = bounds
+                entry["area"] = (max(8, y1 - y0 + 1), max(8, x1 - x0 + 1), y0, x0)
+        entry["mask"] = mask
+    return entry
+
+
+def _area_inside(inner, outer) -> bool:
+    n = len(inner) // 2
+    for d in range(n):
+        if inner[n + d] < outer[n + d] or inner[n + d] + inner[d] > outer[n + d] + outer[d]:
+            return False
+    return True
+
+
+def _add_same_area_entries(entries: list, other: dict) -> None:
+    """ComfyUI's create_cond_with_same_area_if_none: for an area entry of one list, the other list gets an
+    entry over the same area (the model conds of its smallest entry covering that area), so CFG compares
+    like with like inside the area."""
+    area = other.get("area")
+    if area is None:
+        return
+    smallest = None
+    for e in entries:
+        a = e.get("area")
+        if a is None:
+            if smallest is None:
+                smallest = e
+        elif _area_inside(area, a):
+            if smallest is None or "area" not in smallest or \
+                    math.prod(smallest["area"][:len(a) // 2]) > math.prod(a[:len(a) // 2]):
+                smallest = e
+    if smallest is None or tuple(smallest.get("area", ())) == tuple(area):
+        return
+    new = dict(other)
+    new["model_conds"] = dict(smallest["model_conds"])
+    new["uuid"] = uuid.uuid4()
+    entries.append(new)
+
+
 def process_conds(model, noise, conds, device, latent_image=None, denoise_mask=None, seed=None,
                   model_sampling=None):
-    """Resolve percent ranges to sigmas and run `model.extra_conds` once per entry (not per step)."""
+    """Resolve areas / masks to the latent, percent ranges to sigmas, and run `model.extra_conds` once per
+    entry (not per step)."""
     model_sampling = model_sampling or model.model_sampling
+    dims = tuple(noise.shape[2:])
     out = {}
     for k, entries in conds.items():
         resolved = []
         for entry in entries:
-            entry = dict(entry)
+            entry = resolve_area_and_mask(dict(entry), dims, device)
             if "start_percent" in entry:
                 entry["timestep_start"] = model_sampling.percent_to_sigma(entry["start_percent"])
             if "end_percent" in entry:
@@ -209,6 +287,11 @@ def process_conds(model, noise, conds, device, latent_image=None, denoise_mask=N
             entry["model_conds"] = model_conds
             resolved.append(entry)
         out[k] = resolved
+    for k in out:
+        for entry in list(out[k]):
+            for kk in out:
+                if kk != k:
+                    _add_same_area_entries(out[kk], entry)
     return out
 
 
@@ -270,27 +353,104 @@ def _concat(values: list):
     return first  # equal non-tensor values (checked by _can_concat)
 
 
+class _CondInput:
+    """One entry's share of a step: its model conds, the input crop it sees, and its weight there."""
+
+    __slots__ = ("conds", "mult", "area", "uuid", "input_x")
+
+    def __init__(self, conds, mult, area, uuid_, input_x):
+        self.conds, self.mult, self.area, self.uuid, self.input_x = conds, mult, area, uuid_, input_x
+
+
+def _crop(t: torch.Tensor, area, first_dim: int) -> torch.Tensor:
+    """Narrow the trailing len(area)//2 dims of `t` (from `first_dim` on the latent's layout) to `area`."""
+    n = len(area) // 2
+    for d in range(n):
+        t = t.narrow(first_dim + d, area[n + d], area[d])
+    return t
+
+
+def _feather(mult: torch.Tensor, area, full_shape, first_dim: int) -> torch.Tensor:
+    """ComfyUI's area edge feathering: on each side of an area that is not at the latent's border, the last
+    rr = min(8, size // 4) rows / columns ramp the weight linearly from 1/rr up to 1."""
+    n = len(area) // 2
+    for d in range(n):
+        dim = first_dim + d
+        rr = min(8, mult.shape[dim] // 4)
+        if area[n + d] != 0:
+            for t in range(rr):
+                mult.narrow(dim, t, 1).mul_((t + 1) / rr)
+        if area[d] + area[n + d] < full_shape[dim]:
+            for t in range(rr):
+                mult.narrow(dim, area[d] - 1 - t, 1).mul_((t + 1) / rr)
+    return mult
+
+
+def _prepare_area_value(value, batch, area, x_in):
+    """A model input for an area entry: noise-shaped tensors (e.g. an inpainting model's c_concat) are cropped
+    like x; CONDRegular-style objects get the area when their process_cond takes it."""
+    if isinstance(value, torch.Tensor) and value.ndim == x_in.ndim and value.shape[2:] == x_in.shape[2:]:
+        return _crop(_repeat_to_batch(value, batch), area, x_in.ndim - len(area) // 2)
+    if hasattr(value, "process_cond"):
+        try:
+            return value.process_cond(batch_size=batch, area=area)
+        except TypeError:
+            return value.process_cond(batch_size=batch)
+    return _prepare_value(value, batch)
+
+
 def _cond_input(entry, x_in, timestep):
-    """One entry -> (model_conds for this batch, strength), or None when its sigma range excludes this step."""
+    """One entry -> _CondInput, or None when its sigma range excludes this step.
+
+    Without area or mask the weight is the float `strength`; with them it is a tensor over the crop:
+    mask * mask_strength * strength, feathered at the area's inner edges when there is no mask.
+    """
     if "timestep_start" in entry and float(timestep[0]) > entry["timestep_start"]:
         return None
     if "timestep_end" in entry and float(timestep[0]) < entry["timestep_end"]:
         return None
-    if "area" in entry or "mask" in entry:
-        logger.warning("Area / mask conditioning is not supported yet; the entry is applied to the whole "
-                       "latent")
     batch = x_in.shape[0]
-    conds = {k: _prepare_value(v, batch) for k, v in entry["model_conds"].items() if v is not None}
+    strength = float(entry.get("strength", 1.0))
+    area = entry.get("area")
+    mask = entry.get("mask")
+    input_x = x_in
+    if area is not None:
+        n = len(area) // 2
+        first = x_in.ndim - n
+        area = list(area)
+        for d in range(n):  # an area running past the latent is clipped to it
+            area[d] = min(x_in.shape[first + d] - area[n + d], area[d])
+        input_x = _crop(x_in, area, first)
+    if mask is not None:
+        m = mask.to(device=x_in.device, dtype=x_in.dtype)
+        m = _repeat_to_batch(m, batch)  # [B, H, W]
+        if x_in.ndim == 5:
+            m = m.unsqueeze(1)  # broadcast over frames
+        m = m.unsqueeze(1)  # channels
+        if area is not None:
+            m = _crop(m, area, m.ndim - len(area) // 2)
+        mult = (m * float(entry.get("mask_strength", 1.0)) * strength).expand_as(input_x).clone()
+    elif area is not None:
+        mult = _feather(torch.full_like(input_x, strength), area, x_in.shape, x_in.ndim - len(area) // 2)
+    else:
+        mult = strength
+    if area is None:
+        conds = {k: _prepare_value(v, batch) for k, v in entry["model_conds"].items() if v is not None}
+    else:
+        conds = {k: _prepare_area_value(v, batch, area, x_in) for k, v in entry["model_conds"].items()
+                 if v is not None}
     if entry.get("control") is not None:
         conds["control"] = entry["control"]  # CONTROL_NET: residuals are computed per batched call
-    return conds, float(entry.get("strength", 1.0)), entry.get("uuid")
+    return _CondInput(conds, mult, area, entry.get("uuid"), input_x)
 
 
 def calc_cond_batch(model, conds, x_in, timestep, model_options):
     """Model outputs (denoised latents) for each conditioning list in `conds` (None entries give zeros).
 
-    Entries whose inputs concatenate run in one `apply_model` call (cond and uncond together in the usual
-    CFG case); several entries for one list are averaged by strength, as ComfyUI does.
+    Entries whose inputs concatenate (same crop shape, concatenable model conds) run in one `apply_model`
+    call (cond and uncond together in the usual CFG case). Each entry's output is added, times its weight,
+    into its area of the list's output, and the sum is divided by the summed weights: several entries for
+    one list average by strength / mask, as ComfyUI does.
     """
     out_conds = [torch.zeros_like(x_in) for _ in conds]
     # tiny, not zero: a list with no active entry yields 0 instead of NaN
@@ -307,13 +467,14 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
     transformer_options = dict(model_options.get("transformer_options", {}))
     free_memory = None
     while to_run:
-        first = to_run[0][0][0]
-        batch_idx = [j for j, (p, _) in enumerate(to_run) if _can_concat(first, p[0])]
+        first = to_run[0][0]
+        batch_idx = [j for j, (p, _) in enumerate(to_run)
+                     if p.input_x.shape == first.input_x.shape and _can_concat(first.conds, p.conds)]
         if hasattr(model, "memory_required") and len(batch_idx) > 1:
             # keep the batched call within memory (ComfyUI's 1.5 safety factor); one entry always runs
             free_memory = free_memory or comfy.model_management.get_free_memory(x_in.device)
             while len(batch_idx) > 1:
-                shape = [x_in.shape[0] * len(batch_idx)] + list(x_in.shape[1:])
+                shape = [first.input_x.shape[0] * len(batch_idx)] + list(first.input_x.shape[1:])
                 if model.memory_required(shape) * 1.5 < free_memory:
                     break
                 batch_idx = batch_idx[:-1]
@@ -322,13 +483,13 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
             to_run.pop(j)
 
         n = len(run)
-        input_x = torch.cat([x_in] * n)
+        input_x = torch.cat([p.input_x for p, _ in run])
         timestep_ = torch.cat([timestep] * n)
-        c = {k: _concat([p[0][k] for p, _ in run]) for k in run[0][0][0]}
+        c = {k: _concat([p.conds[k] for p, _ in run]) for k in run[0][0].conds}
         cond_or_uncond = [i for _, i in run]
         opts = dict(transformer_options)
         opts["cond_or_uncond"] = cond_or_uncond
-        opts["uuids"] = [p[2] for p, _ in run]
+        opts["uuids"] = [p.uuid for p, _ in run]
         opts["sigmas"] = timestep
         c["transformer_options"] = opts
         control = c.pop("control", None)
@@ -341,8 +502,12 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
         else:
             output = model.apply_model(input_x, timestep_, **c)
         for (p, i), chunk in zip(run, output.chunk(n)):
-            out_conds[i] += chunk * p[1]
-            out_counts[i] += p[1]
+            out_c, out_n = out_conds[i], out_counts[i]
+            if p.area is not None:
+                first_dim = x_in.ndim - len(p.area) // 2
+                out_c, out_n = _crop(out_c, p.area, first_dim), _crop(out_n, p.area, first_dim)
+            out_c += chunk * p.mult
+            out_n += p.mult
     return [o / c for o, c in zip(out_conds, out_counts)]
 
 
