@@ -170,11 +170,14 @@ class CLIP:
         if l_w + g_w > width:
             raise ValueError(f"SD3 needs CLIP-L ({l_w}) + CLIP-G ({g_w}) channels to fit T5's width {width}")
         lg, pooled_parts = None, []
-        if "l" in self.slots:
+        # CLIPTextEncodeSD3 with empty_padding "none" gives an empty token list for an empty prompt: that
+        # encoder is left out as if absent (all of them: 77 zero tokens)
+        used = {k for k in self.slots if len(tokens.get(k, [])) > 0}
+        if "l" in used:
             lg, l_pooled = self._encode_slot("l", tokens)
         else:
             l_pooled = torch.zeros(1, l_w)
-        if "g" in self.slots:
+        if "g" in used:
             g_out, g_pooled = self._encode_slot("g", tokens)
             if lg is None:
                 lg = torch.nn.functional.pad(g_out, (l_w, 0))  # G's channels stay after L's
@@ -187,9 +190,11 @@ class CLIP:
                 lg = torch.nn.functional.pad(lg, (0, g_w))
         pooled_parts = [l_pooled, g_pooled]
         out = None if lg is None else torch.nn.functional.pad(lg, (0, width - lg.shape[-1]))
-        if "t5xxl" in self.slots:
+        if "t5xxl" in used:
             t5_out, _ = self._encode_slot("t5xxl", tokens)
             out = t5_out if out is None else torch.cat([out, t5_out], dim=-2)
+        if out is None:
+            out = torch.zeros(1, 77, width)
         return out, torch.cat(pooled_parts, dim=-1)
 
 
