@@ -4,20 +4,7 @@
 from __future__ import annotations
 
 import comfy.utils
-
-
-def conditioning_set_values(conditioning, values: dict, append: bool = False):
-    """A new CONDITIONING with `values` set (or, with append, list-appended) on every entry."""
-    out = []
-    for cond, extra in conditioning:
-        extra = dict(extra)
-        for k, v in values.items():
-            if append:
-                extra[k] = list(extra.get(k) or []) + list(v)
-            else:
-                extra[k] = v
-        out.append([cond, extra])
-    return out
+from node_helpers import conditioning_set_values
 
 
 class CLIPTextEncodeFlux:

@@ -14,19 +14,11 @@ import sys
 
 import torch
 
+from node_helpers import conditioning_set_values
+
 logger = logging.getLogger(__name__)
 
 MAX_RESOLUTION = 16384  # nodes.MAX_RESOLUTION
-
-
-def set_values(conditioning: list, values: dict) -> list:
-    """A copy of CONDITIONING with `values` set in every entry's options dict (tensors are shared)."""
-    out = []
-    for tensor, opts in conditioning:
-        opts = dict(opts)
-        opts.update(values)
-        out.append([tensor, opts])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +207,7 @@ class ConditioningSetTimestepRange:
     CATEGORY = "advanced/conditioning"
 
     def set_range(self, conditioning, start, end):
-        return (set_values(conditioning, {"start_percent": start, "end_percent": end}),)
+        return (conditioning_set_values(conditioning, {"start_percent": start, "end_percent": end}),)
 
 
 def _strength_input():
@@ -237,7 +229,7 @@ class ConditioningSetArea:
     def append(self, conditioning, width, height, x, y, strength):
         # (h, w, y, x) in latent units (pixels / 8)
         area = (height // 8, width // 8, y // 8, x // 8)
-        return (set_values(conditioning, {"area": area, "strength": strength, "set_area_to_bounds": False}),)
+        return (conditioning_set_values(conditioning, {"area": area, "strength": strength, "set_area_to_bounds": False}),)
 
 
 class ConditioningSetAreaPercentage:
@@ -254,7 +246,7 @@ class ConditioningSetAreaPercentage:
 
     def append(self, conditioning, width, height, x, y, strength):
         area = ("percentage", height, width, y, x)
-        return (set_values(conditioning, {"area": area, "strength": strength, "set_area_to_bounds": False}),)
+        return (conditioning_set_values(conditioning, {"area": area, "strength": strength, "set_area_to_bounds": False}),)
 
 
 class ConditioningSetAreaStrength:
@@ -267,7 +259,7 @@ class ConditioningSetAreaStrength:
     CATEGORY = "conditioning"
 
     def append(self, conditioning, strength):
-        return (set_values(conditioning, {"strength": strength}),)
+        return (conditioning_set_values(conditioning, {"strength": strength}),)
 
 
 class ConditioningSetMask:
@@ -284,7 +276,7 @@ class ConditioningSetMask:
     def append(self, conditioning, mask, set_cond_area, strength):
         if mask.ndim < 3:
             mask = mask.unsqueeze(0)
-        return (set_values(conditioning, {"mask": mask, "set_area_to_bounds": set_cond_area != "default",
+        return (conditioning_set_values(conditioning, {"mask": mask, "set_area_to_bounds": set_cond_area != "default",
                                           "mask_strength": strength}),)
 
 

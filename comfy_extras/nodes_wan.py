@@ -12,18 +12,9 @@ import torch
 
 import comfy.model_management
 import comfy.utils
+from node_helpers import conditioning_set_values
 
 MAX_RESOLUTION = 16384
-
-
-def conditioning_set_values(conditioning: list, values: dict) -> list:
-    """Copy of CONDITIONING with `values` merged into every entry's options (inputs are never mutated)."""
-    out = []
-    for cond, opts in conditioning:
-        new = dict(opts)
-        new.update(values)
-        out.append([cond, new])
-    return out
 
 
 def _latent_frames(length: int) -> int:
