@@ -334,3 +334,14 @@ def test_clip_text_encode_sd3_on_tiny_encoders(tmp_path):
     (nothing,) = enc.encode(clip, "", "", "", "none")
     assert nothing[0][0].shape == (1, 77, 256) and torch.count_nonzero(nothing[0][0]) == 0
     assert torch.count_nonzero(nothing[0][1]["pooled_output"]) == 0
+
+
+def test_node_helpers_conditioning_set_values_copies_and_appends():
+    import node_helpers
+
+    t = torch.zeros(1, 2, 3)
+    cond = [[t, {"guidance": 1.0, "reference_latents": [1]}]]
+    out = node_helpers.conditioning_set_values(cond, {"guidance": 2.0})
+    assert out[0][1]["guidance"] == 2.0 and cond[0][1]["guidance"] == 1.0 and out[0][0] is t
+    out = node_helpers.conditioning_set_values(cond, {"reference_latents": [2]}, append=True)
+    assert out[0][1]["reference_latents"] == [1, 2] and cond[0][1]["reference_latents"] == [1]
