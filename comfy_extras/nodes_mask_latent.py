@@ -541,7 +541,9 @@ class LatentBlend:
         return (out,)
 
 
-class LatentAdd:
+class _LatentPairOp:
+    """Shared interface of LatentAdd / LatentSubtract: samples2 is matched to samples1's shape first."""
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}
@@ -550,27 +552,27 @@ class LatentAdd:
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "op"
 
-    def op(self, samples1, samples2):
-        out = samples1.copy()
-        s1 = samples1["samples"]
-        out["samples"] = s1 + _match_latent(s1.shape, samples2["samples"])
-        return (out,)
-
-
-class LatentSubtract:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"samples1": ("LATENT",), "samples2": ("LATENT",)}}
-
-    CATEGORY = "latent/advanced"
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "op"
+    @staticmethod
+    def combine(a, b):
+        raise NotImplementedError
 
     def op(self, samples1, samples2):
         out = samples1.copy()
         s1 = samples1["samples"]
-        out["samples"] = s1 - _match_latent(s1.shape, samples2["samples"])
+        out["samples"] = self.combine(s1, _match_latent(s1.shape, samples2["samples"]))
         return (out,)
+
+
+class LatentAdd(_LatentPairOp):
+    @staticmethod
+    def combine(a, b):
+        return a + b
+
+
+class LatentSubtract(_LatentPairOp):
+    @staticmethod
+    def combine(a, b):
+        return a - b
 
 
 class LatentMultiply:
