@@ -16,7 +16,8 @@ import comfy.controlnet
 import comfy.model_detection
 import comfy.sd
 from comfy.ldm.flux.controlnet import ControlNetFlux, convert_flux_controlnet_state_dict
-from tests.test_flux_oracle import _demo_module, to_diffusers
+from tests.fixtures.demo_models import demo_script
+from tests.test_flux_oracle import to_diffusers
 
 H, HEADS, CTX, VEC = 32, 2, 8, 4
 HEAD_DIM = H // HEADS
@@ -97,7 +98,7 @@ def test_instantx_diffusers_layout_matches_diffusers(union):
 
 def _xlabs_file(seed=2):
     """An XLabs ControlNet in its own (BFL) layout: 2 double blocks, pixel hint encoder, pos_embed_input."""
-    sd = _demo_module().random_flux_state_dict(hidden_size=H, num_heads=HEADS, depth=2, depth_single_blocks=0,
+    sd = demo_script().random_flux_state_dict(hidden_size=H, num_heads=HEADS, depth=2, depth_single_blocks=0,
                                                context_in_dim=CTX, vec_in_dim=VEC, seed=seed)
     del sd["final_layer.linear.weight"], sd["final_layer.linear.bias"]
     del sd["final_layer.adaLN_modulation.1.weight"], sd["final_layer.adaLN_modulation.1.bias"]
@@ -122,7 +123,7 @@ def _xlabs_to_diffusers(sd):
     src["final_layer.adaLN_modulation.1.weight"] = torch.zeros(2 * H, H)
     src["final_layer.adaLN_modulation.1.bias"] = torch.zeros(2 * H)
     # the converter needs at least one single block: a dummy one, dropped again below
-    dummy = _demo_module().random_flux_state_dict(hidden_size=H, num_heads=HEADS, depth=1, depth_single_blocks=1,
+    dummy = demo_script().random_flux_state_dict(hidden_size=H, num_heads=HEADS, depth=1, depth_single_blocks=1,
                                                   context_in_dim=CTX, vec_in_dim=VEC)
     src.update({k: v for k, v in dummy.items() if k.startswith("single_blocks.")})
     out = {k: v for k, v in to_diffusers(src, H, True).items()
@@ -160,7 +161,7 @@ def test_xlabs_matches_diffusers_with_hint_encoder():
 
 
 def _main_model(seed=4):
-    sd = _demo_module().random_flux_state_dict(hidden_size=H, num_heads=HEADS, depth=4, depth_single_blocks=2,
+    sd = demo_script().random_flux_state_dict(hidden_size=H, num_heads=HEADS, depth=4, depth_single_blocks=2,
                                                context_in_dim=CTX, vec_in_dim=VEC, seed=seed)
     return sd
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.fixtures.demo_models import demo_script
 from tests.test_hydit_oracle import random_hydit_state_dict
-from tests.test_pixart_workflow import _demo, random_sdxl_vae_state_dict
+from tests.test_pixart_workflow import random_sdxl_vae_state_dict
 
 BERT_WIDTH, MT5_WIDTH = 32, 48
 # the released text lengths (77 CLIP + 256 mT5 tokens): the tokenizers pad to them and the mT5 pool's
@@ -36,7 +37,7 @@ def random_bert_state_dict(vocab: int, hidden: int = BERT_WIDTH, layers: int = 2
 def write_hydit_checkpoint(path: str, seed: int = 0) -> None:
     from comfy.text_encoders.hydit import write_small_bert_vocab
 
-    demo = _demo()
+    demo = demo_script()
     tok_dir = os.path.join(os.path.splitext(path)[0] + ".tokenizer", "hydit_clip")
     vocab_size = sum(1 for _ in open(write_small_bert_vocab(tok_dir), encoding="utf-8"))
     sd = {f"model.diffusion_model.{k}": v for k, v in random_hydit_state_dict(seed=seed, **HYDIT).items()}
@@ -120,7 +121,7 @@ def test_text_encoders_give_the_conditioning_hunyuan_dit_reads(ckpt):
 def test_wrong_encoder_set_names_the_fix(base_dir):
     from comfy.text_encoders import load_text_encoders
 
-    demo = _demo()
+    demo = demo_script()
     t5 = demo.random_t5_state_dict(d_model=MT5_WIDTH, heads=2, layers=1)
     with pytest.raises(ValueError, match="BERT"):
         load_text_encoders([t5], "hunyuan_dit", names=["only-mt5.safetensors"])
