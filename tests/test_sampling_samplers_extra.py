@@ -342,7 +342,7 @@ def test_dpm_fast_spends_one_call_per_step(steps, orders):
     assert len(patcher.model.calls) == steps == sum(orders)
     # steps are equal in t = -log(sigma); each starts with an evaluation at its own start
     starts = [float(c["sigma"][0]) for c in patcher.model.calls]
-    t = torch.linspace(-torch.log(torch.tensor(10.0)), -torch.log(torch.tensor(sigmas[-2])), len(orders) + 1)
+    t = torch.linspace(-torch.log(torch.tensor(10.0)), -torch.log(torch.as_tensor(sigmas[-2]).float()), len(orders) + 1)
     step_starts = [starts[sum(orders[:k])] for k in range(len(orders))]
     assert step_starts == pytest.approx([float(v) for v in torch.exp(-t[:-1])], rel=1e-5)
 
