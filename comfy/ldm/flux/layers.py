@@ -74,18 +74,11 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(head_dim, dtype=dtype, device=device, operations=operations)
         self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
 
-    def qkv_heads(self, x: torch.Tensor):
-        """x [B, L, dim] -> normed q, k and v, each [B, H, L, D]."""
-        b, length, _ = x.shape
-        qkv = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.norm(q, k, v)
-        return q, k, v
-
     def qkv_rope(self, x: torch.Tensor, pe: torch.Tensor | None, q_out: torch.Tensor | None = None,
                  k_out: torch.Tensor | None = None):
-        """qkv_heads with RoPE applied to q and k, in one fused pass each on CUDA (comfy/ldm/modules/fused.py).
-        `q_out` / `k_out`: where to write them (slices of a joint-sequence buffer), else new tensors."""
+        """x [B, L, dim] -> q, k (qk-normed and rotated by `pe`) and v, each [B, H, L, D]; the norm and RoPE
+        are one fused pass each on CUDA (comfy/ldm/modules/fused.py). `q_out` / `k_out`: where to write q and
+        k (slices of a joint-sequence buffer), else new tensors."""
         b, length, _ = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q = norm_rope(q, self.norm.query_norm.scale, 1e-6, pe, out=q_out)
