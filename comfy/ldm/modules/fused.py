@@ -101,6 +101,11 @@ def _launchable(x: torch.Tensor, weight, freqs, out) -> bool:
 _plans: dict = {}  # layout key -> (launchable, freqs strides): the checks run once per layout
 
 
+def _freqs_strides(x: torch.Tensor, freqs) -> tuple:
+    """Strides of `freqs` over x's three leading dims once broadcast to them (0 where it is shared)."""
+    return freqs.expand(*x.shape[:3], *freqs.shape[3:]).stride()[:3] if freqs is not None else (0, 0, 0)
+
+
 def _plan(x: torch.Tensor, weight, freqs, out):
     key = (x.shape, x.stride(), x.dtype, x.device, None if weight is None else (weight.shape, weight.stride()),
            None if freqs is None else (freqs.shape, freqs.stride(), freqs.dtype),
@@ -108,9 +113,7 @@ def _plan(x: torch.Tensor, weight, freqs, out):
     plan = _plans.get(key)
     if plan is None:
         ok = _launchable(x, weight, freqs, out)
-        fstr = (0, 0, 0)
-        if ok and freqs is not None:
-            fstr = freqs.expand(*x.shape[:3], *freqs.shape[3:]).stride()[:3]
+        fstr = _freqs_strides(x, freqs) if ok else (0, 0, 0)
         if len(_plans) > 256:
             _plans.clear()
         plan = _plans[key] = (ok, fstr)
@@ -123,7 +126,7 @@ def _launch(x, weight, eps, freqs, out, fstr=None):
         kernel = _state["triton_rows"]
     n0, n1, n2, d = x.shape
     if fstr is None:
-        fstr = freqs.expand(*x.shape[:3], *freqs.shape[3:]).stride()[:3] if freqs is not None else (0, 0, 0)
+        fstr = _freqs_strides(x, freqs)
     n_rows = n0 * n1 * n2
     block_r = 16
     args = (x, weight if weight is not None else x, freqs if freqs is not None else x, out, n_rows, n1, n2,
@@ -144,7 +147,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
 
     `out`, if given, receives the result (e.g. a slice of a joint-sequence buffer) and is returned.
     """
-    if weight is not None and weight.device != x.device or weight is not None and weight.dtype != x.dtype:
+    if weight is not None and (weight.device != x.device or weight.dtype != x.dtype):
         weight = weight.to(x)
     fused = False
     if _enabled() and not torch.compiler.is_compiling():
