@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import threading
-import time
 
 import comfy.cli_args as cli_args
 
@@ -50,33 +49,20 @@ def cache_settings(args) -> tuple[str, dict]:
 
 def prompt_worker(queue, server, executor) -> None:
     """Takes prompts off the queue and executes them, forever (rank 0 / single process)."""
-    import comfy.model_management as mm
+    from comfy_execution.worker import announce_done, apply_memory_flags, next_prompt
 
     while True:
-        queue_item = queue.get(timeout=1000.0)
-        if queue_item is None:
+        job = next_prompt(queue)
+        if job is None:
             continue
-        item, item_id = queue_item
-        started = time.perf_counter()
-        prompt_id = item[1]
-        server.last_prompt_id = prompt_id
-        extra_data = dict(item[3])
-        sensitive = item[5] if len(item) > 5 else {}
-        extra_data.update(sensitive or {})
-        executor.execute(item[2], prompt_id, extra_data, item[4])
-        queue.task_done(item_id, executor.history_result,
+        server.last_prompt_id = job.prompt_id
+        executor.execute(job.prompt, job.prompt_id, job.extra_data, job.outputs)
+        queue.task_done(job.item_id, executor.history_result,
                         status={"status_str": "success" if executor.success else "error",
                                 "completed": executor.success,
                                 "messages": executor.status_messages})
-        if server.client_id is not None:
-            server.send_sync("executing", {"node": None, "prompt_id": prompt_id}, server.client_id)
-        logging.info("Prompt executed in %.2f seconds", time.perf_counter() - started)
-        flags = queue.get_flags()
-        if flags.get("unload_models"):
-            mm.unload_all_models()
-        if flags.get("free_memory"):
-            executor.reset()
-            mm.soft_empty_cache()
+        announce_done(server, job)
+        apply_memory_flags(queue.get_flags(), executor)
 
 
 def start_server(args, executor_factory=None, worker=None, queue_kwargs=None) -> None:

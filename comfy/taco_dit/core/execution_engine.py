@@ -406,9 +406,9 @@ def _make_executor(server, cache, lockstep):
 def follower_loop(args, dm: DistributedManager, lockstep: Lockstep, executor=None,
                   cache: tuple[str, dict] = ("classic", {})) -> int:
     """Ranks 1..N-1: execute every work item rank 0 publishes, until it says stop. Returns an exit code."""
-    import comfy.model_management as mm
     import folder_paths
     import nodes
+    from comfy_execution.worker import apply_memory_flags
 
     scratch = _make_scratch_dirs(dm.rank)
     stand_in = FollowerServer()
@@ -434,11 +434,7 @@ def follower_loop(args, dm: DistributedManager, lockstep: Lockstep, executor=Non
                 log.info("Rank 0 stopped; follower rank %d exits", dm.rank)
                 return 0
             if kind == "flags":
-                if work["flags"].get("unload_models"):
-                    mm.unload_all_models()
-                if work["flags"].get("free_memory"):
-                    executor.reset()
-                    mm.soft_empty_cache()
+                apply_memory_flags(work["flags"], executor)
                 continue
             number, prompt_id, prompt, extra_data, outputs = work["item"]
             write_input_files(work.get("files", []))
@@ -561,26 +557,22 @@ class Leader:
 
     def worker(self, queue, server, executor) -> None:
         """Like main.prompt_worker, plus: publish each item to the followers and agree on the outcome."""
-        import comfy.model_management as mm
+        from comfy_execution.worker import announce_done, apply_memory_flags, next_prompt
 
         self.queue, self.server, self.executor = queue, server, executor
         while True:
-            queue_item = queue.get(timeout=1000.0)
-            if queue_item is None:
+            job = next_prompt(queue)
+            if job is None:
                 continue
-            item, item_id = queue_item
-            started = time.perf_counter()
-            number, prompt_id, prompt, extra, outputs = item[:5]
+            prompt_id, extra_data = job.prompt_id, job.extra_data
             server.last_prompt_id = prompt_id
-            extra_data = dict(extra)
-            extra_data.update((item[5] if len(item) > 5 else None) or {})
-            self.running = (item_id, prompt_id, extra_data.get("client_id"))
+            self.running = (job.item_id, prompt_id, extra_data.get("client_id"))
             first_seq = self.seq + 1
-            self._publish({"kind": "prompt", "item": (number, prompt_id, prompt, extra_data, outputs),
-                           "files": collect_input_files(prompt)})
+            self._publish({"kind": "prompt", "item": (job.number, prompt_id, job.prompt, extra_data, job.outputs),
+                           "files": collect_input_files(job.prompt)})
             self.lockstep.begin(prompt_id)
             try:
-                executor.execute(prompt, prompt_id, extra_data, outputs)
+                executor.execute(job.prompt, prompt_id, extra_data, job.outputs)
             finally:
                 outcome = self.lockstep.finish(bool(getattr(executor, "success", False)),
                                                _last_error_message(executor))
@@ -592,16 +584,14 @@ class Leader:
                 success = False
                 messages.append(self._error_message(prompt_id, outcome, extra_data.get("client_id")))
             if self.running is not None:  # None when the abort path recorded this prompt already
-                queue.task_done(item_id, executor.history_result,
+                queue.task_done(job.item_id, executor.history_result,
                                 status={"status_str": "success" if success else "error",
                                         "completed": success, "messages": messages})
             self.running = None
             for seq in range(first_seq, self.seq + 1):
                 self.dm.retire(seq)
             self.dm.clear_failures(prompt_id)
-            if server.client_id is not None:
-                server.send_sync("executing", {"node": None, "prompt_id": prompt_id}, server.client_id)
-            log.info("Prompt executed in %.2f seconds", time.perf_counter() - started)
+            announce_done(server, job)
             if outcome.lost:
                 self.abort("lost contact with a rank during the prompt", report=False)
                 return
@@ -610,11 +600,7 @@ class Leader:
             flags = queue.get_flags()
             if flags.get("unload_models") or flags.get("free_memory"):
                 self._publish({"kind": "flags", "flags": dict(flags)})
-            if flags.get("unload_models"):
-                mm.unload_all_models()
-            if flags.get("free_memory"):
-                executor.reset()
-                mm.soft_empty_cache()
+            apply_memory_flags(flags, executor)
 
     def _error_message(self, prompt_id, outcome: Outcome, client_id) -> list:
         first = outcome.first_error() or {}
