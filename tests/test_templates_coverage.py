@@ -28,11 +28,13 @@ TEMPLATES = ["flux_dev_full_text_to_image", "flux_dev_checkpoint_example", "flux
 #   Lotus (sd3.5_large_depth), Wan Fun control/inpaint/camera, VACE, ATI, Move, S2V, HuMo, InfiniteTalk,
 #   Animate, SCAIL (wan2.1_fun_*, video_wan*_fun_*, video_wan_vace_*, video_wan_ati, video_wanmove_480p,
 #   video_wan2_2_14B_s2v, video_humo, video_wan2_1_infinitetalk, video_wan_animate2*, video_wan21_scail2_*),
-#   Wan 2.2 5B (video_wan2_2_5B_*), and the Wan 2.2 14B t2v/i2v templates (video_wan2_2_14B_t2v/_i2v), which
-#   need the frontend-graph nodes ComfyMathExpression and ComfySwitchNode. No PixArt or HunyuanDiT template
+#   and Wan 2.2 5B (video_wan2_2_5B_*). Wan 2.2 14B t2v joined once ComfyMathExpression and ComfySwitchNode
+#   existed (comfy_extras/nodes_logic.py); its i2v sibling stores two widget values on a CreateVideo whose
+#   saved inputs declare one widget (fps), which this check cannot place. No PixArt or HunyuanDiT template
 #   is shipped.
 LOCAL_FAMILY_TEMPLATES = ["flux1_krea_dev", "sd3.5_large_blur", "sd3.5_large_canny_controlnet_example",
-                          "wan2.1_flf2v_720_f16", "video_wan2.1_alpha_t2v_14B", "video_wan2_2_14B_flf2v"]
+                          "wan2.1_flf2v_720_f16", "video_wan2.1_alpha_t2v_14B", "video_wan2_2_14B_flf2v",
+                          "video_wan2_2_14B_t2v"]
 
 # nodes that live only in the frontend (never sent to the backend)
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
