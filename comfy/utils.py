@@ -93,18 +93,23 @@ def state_dict_prefix_replace(sd: dict, replace: dict[str, str], filter_keys: bo
     return out
 
 
+def center_crop_to_aspect(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Cut equal margins off [.., H, W] so its aspect ratio becomes width/height (ComfyUI's crop="center")."""
+    old_w, old_h = samples.shape[-1], samples.shape[-2]
+    old_aspect = old_w / old_h
+    new_aspect = width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    return samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+
+
 def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_method: str, crop: str) -> torch.Tensor:
     """Resize [B,C,H,W] to (height, width); crop="center" keeps the aspect ratio by cropping first."""
     if crop == "center":
-        old_w, old_h = samples.shape[-1], samples.shape[-2]
-        old_aspect = old_w / old_h
-        new_aspect = width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-        samples = samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+        samples = center_crop_to_aspect(samples, width, height)
     mode = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic",
             "area": "area", "lanczos": "bicubic"}.get(upscale_method, "bilinear")
     kwargs = {"antialias": True} if mode in ("bilinear", "bicubic") else {}

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import comfy.utils
+
 MAX_RESOLUTION = 16384  # nodes.MAX_RESOLUTION (not imported: keeps this module importable on its own)
 
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
@@ -26,19 +28,6 @@ CROP_METHODS = ["disabled", "center"]
 
 
 # --- resizing ------------------------------------------------------------------------------------------
-
-
-def _center_crop_to_aspect(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Cut equal margins off [.., H, W] so its aspect ratio becomes width/height (ComfyUI's crop="center")."""
-    h, w = x.shape[-2], x.shape[-1]
-    src, dst = w / h, width / height
-    if src > dst:  # too wide: trim left and right
-        m = round((w - w * dst / src) / 2)
-        x = x[..., :, m:w - m]
-    elif src < dst:  # too tall: trim top and bottom
-        m = round((h - h * src / dst) / 2)
-        x = x[..., m:h - m, :]
-    return x
 
 
 def _lanczos(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -60,7 +49,7 @@ def upscale(x: torch.Tensor, width: int, height: int, method: str, crop: str) ->
     F.interpolate without antialiasing (comfy.utils.common_upscale here maps lanczos to bicubic and adds
     antialias, which gives different pixels from ComfyUI, hence this helper)."""
     if crop == "center":
-        x = _center_crop_to_aspect(x, width, height)
+        x = comfy.utils.center_crop_to_aspect(x, width, height)
     if method == "lanczos":
         return _lanczos(x, width, height)
     if method not in ("nearest-exact", "bilinear", "area", "bicubic"):
