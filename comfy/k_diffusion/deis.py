@@ -69,7 +69,8 @@ def sigma_of_vp_time(t):
 
 
 @lru_cache(maxsize=8)
-def _gauss_legendre(n):
+def gauss_legendre(n):
+    """Nodes and weights of n-point Gauss-Legendre quadrature on [-1, 1] (shared with SA-Solver)."""
     return np.polynomial.legendre.leggauss(n)
 
 
@@ -97,7 +98,7 @@ def deis_step_coefficients(sigmas, i, order, deis_mode="tab"):
     if order == 1:
         return np.array([hi - lo])
     # Gauss-Legendre nodes mapped onto [sigma_i, sigma_{i+1}] (the signed interval length keeps the direction)
-    u, w = _gauss_legendre(_QUAD_NODES)
+    u, w = gauss_legendre(_QUAD_NODES)
     half = 0.5 * (hi - lo)
     quad_sigma = lo + half * (u + 1.0)
     history = sig[[i - k for k in range(order)]]

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import trange
 
 from comfy import model_sampling as ms_mod
-from comfy.k_diffusion.deis import _gauss_legendre, lagrange_weights
+from comfy.k_diffusion.deis import gauss_legendre, lagrange_weights
 from comfy.k_diffusion.sampling import (
     default_noise_sampler,
     model_sampling_of,
@@ -43,7 +43,7 @@ def exponential_lagrange_integrals(nodes, lambda_s, lambda_t, tau):
     the integrand is an exponential times a low-degree polynomial, so 48 nodes are exact to rounding."""
     nodes = np.asarray(nodes, dtype=np.float64)
     rate = 1.0 + float(tau) ** 2
-    u, w = _gauss_legendre(_QUAD_NODES)
+    u, w = gauss_legendre(_QUAD_NODES)
     half = 0.5 * (lambda_t - lambda_s)
     lam = lambda_s + half * (u + 1.0)
     kernel = rate * np.exp(rate * (lam - lambda_t))
