@@ -1,7 +1,10 @@
-"""Where one Flux.1-dev transformer step spends its GPU time (full size, random weights, bf16, one GPU):
-torch.profiler over one forward, kernels grouped into matmul / attention / the rest, and the top kernels.
+"""Where one Flux.1-dev transformer step spends its GPU time (full size, random weights, bf16): torch.profiler
+over one forward, kernels grouped into matmul / attention / collectives / copies / the rest, the top kernels,
+and how long the GPU sat idle inside the step (wall time of the step minus the union of kernel intervals).
 
-    python benchmarks/profile_flux_step.py --size 1024 --out $OUT/profile.jsonl
+One GPU:  python benchmarks/profile_flux_step.py --sizes 1024 2048 --out $OUT/profile.jsonl
+N GPUs:   torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 1024 --config u4 [--graph]
+          (every rank profiles its own step; each rank writes one record)
 """
 
 from __future__ import annotations
@@ -12,58 +15,121 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_flux_step import FLUX_DEV, card, init_random_, inputs  # noqa: E402
+from bench_flux_step import FLUX_DEV, card, init_random_, inputs, parse_config  # noqa: E402
 
 from comfy.ldm.flux.model import Flux  # noqa: E402
+from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable  # noqa: E402
 
 
 def category(name: str) -> str:
     n = name.lower()
+    if "nccl" in n:
+        return "collective"
     if any(s in n for s in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "ampere_bf16", "cublas")):
         return "matmul"
     if any(s in n for s in ("flash", "fmha", "cudnn", "attention", "sdpa")):
         return "attention"
+    if any(s in n for s in ("memcpy", "copy", "cat", "memset")):
+        return "copy"
     return "other"
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (µs in, ms out)."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total / 1000.0
+
+
+def profile_once(fn, top: int) -> dict:
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        if dist.is_initialized():
+            dist.barrier()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    spans: list[tuple[float, float]] = []
+    compute_spans: list[tuple[float, float]] = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(ev.name, [0.0, 0])
+            kernels[ev.name][0] += ev.device_time / 1000.0
+            kernels[ev.name][1] += 1
+            span = (ev.time_range.start, ev.time_range.end)
+            spans.append(span)
+            if category(ev.name) != "collective":
+                compute_spans.append(span)
+    totals: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        totals[category(name)] = totals.get(category(name), 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"step_ms": round(start.elapsed_time(end), 2),
+            "gpu_ms_by_category": {k: round(v, 2) for k, v in sorted(totals.items())},
+            "gpu_ms_total": round(sum(totals.values()), 2),
+            "gpu_busy_ms": round(busy_ms(spans), 2),
+            "compute_busy_ms": round(busy_ms(compute_spans), 2),
+            "kernels": sum(int(v[1]) for v in kernels.values()),
+            "top": [{"kernel": k[:120], "ms": round(v[0], 3), "calls": v[1]} for k, v in ranked]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[1024])
+    p.add_argument("--config", default="", help="uN / rN / uNrM under torchrun")
+    p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay instead of eager")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile.jsonl"))
     args = p.parse_args()
-    dev = torch.device("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(dev)
     model = Flux(**FLUX_DEV, dtype=torch.bfloat16, device=dev).eval()
     init_random_(model)
+    if world > 1:
+        from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh
+        from comfy.taco_dit.parallel.sequence_parallel import flux_forward_orig
+
+        dist.init_process_group("nccl", device_id=dev)
+        u, r = parse_config(args.config or f"u{world}")
+        mesh = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl")
+        model.forward_orig = flux_forward_orig(mesh).__get__(model, Flux)
     for size in args.sizes:
         x, t, ctx, y, g = inputs(size, dev)
-        with torch.inference_mode():
-            for _ in range(3):
-                model(x, t, ctx, y=y, guidance=g)
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                model(x, t, ctx, y=y, guidance=g)
-                torch.cuda.synchronize()
-        kernels: dict[str, list[float]] = {}
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                kernels.setdefault(ev.name, [0.0, 0])
-                kernels[ev.name][0] += ev.device_time / 1000.0
-                kernels[ev.name][1] += 1
-        totals: dict[str, float] = {}
-        for name, (ms, _) in kernels.items():
-            totals[category(name)] = totals.get(category(name), 0.0) + ms
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]
-        rec = {"size": size, "card": card(), "gpu_ms_by_category": {k: round(v, 2) for k, v in totals.items()},
-               "gpu_ms_total": round(sum(totals.values()), 2),
-               "top": [{"kernel": k[:120], "ms": round(v[0], 3), "calls": v[1]} for k, v in top]}
-        print(json.dumps(rec, indent=1), flush=True)
+        if args.graph:
+            graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
+            fn = lambda: graphed(x, t, ctx, y, g)  # noqa: E731
+        else:
+            fn = lambda: model(x, t, ctx, y=y, guidance=g)  # noqa: E731
+        rec = {"size": size, "card": card(), "gpus": world, "rank": rank, "config": args.config or None,
+               "mode": "cuda_graph" if args.graph else "eager", **profile_once(fn, args.top)}
+        if rank != 0:
+            rec["top"] = rec["top"][:8]
+        print(json.dumps(rec), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
