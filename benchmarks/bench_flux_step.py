@@ -103,13 +103,12 @@ def variants(attention: list[str], fused: list[str]) -> list[tuple[str, str]]:
 
 def use_variant(backend: str, fused: str) -> None:
     set_attention_backend(backend)
-    os.environ["TACO_FUSED_KERNELS"] = {"on": "1", "off": "0", "rows": "rows"}[fused]
+    os.environ["TACO_FUSED_KERNELS"] = {"on": "1", "off": "0"}[fused]
 
 
 def fused_label():
-    """What results record as "fused": true / false, or "rows" for the whole-row kernel variant."""
-    value = os.environ.get("TACO_FUSED_KERNELS", "1")
-    return "rows" if value == "rows" else value != "0"
+    """What results record as "fused": true / false."""
+    return os.environ.get("TACO_FUSED_KERNELS", "1") != "0"
 
 
 def diffusers_attention(name: str):
@@ -266,7 +265,7 @@ def main() -> None:
     p.add_argument("--graph", action="store_true", help="also time CUDA-graph replay of the forward")
     p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
                    help="attention kernels to time ours with (default: the automatic choice)")
-    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off", "rows"],
+    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off"],
                    help="with / without the fused q/k norm + RoPE kernels (comfy/ldm/modules/fused.py)")
     p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn", "flash"],
                    help="diffusers as shipped ('default') and/or with SDPA forced to cuDNN")

@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--diffusers", action="store_true")
     p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
                    help="attention kernels to time ours with (default: the automatic choice; N GPUs: the first)")
-    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off", "rows"])
+    p.add_argument("--fused", nargs="*", default=["on"], choices=["on", "off"])
     p.add_argument("--diffusers-attention", nargs="*", default=["default"], choices=["default", "cudnn", "flash"])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")

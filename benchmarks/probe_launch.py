@@ -38,12 +38,10 @@ def main() -> None:
         w = torch.ones(128, device="cuda", dtype=torch.bfloat16)
         os.environ["TACO_FUSED_KERNELS"] = "1"
         f = per_call_us(lambda: fused.norm_rope(q, w, 1e-6, freqs))
-        os.environ["TACO_FUSED_KERNELS"] = "rows"
-        rows = per_call_us(lambda: fused.norm_rope(q, w, 1e-6, freqs))
         os.environ["TACO_FUSED_KERNELS"] = "0"
         r = per_call_us(lambda: fused.norm_rope(q, w, 1e-6, freqs))
         print(json.dumps({"probe": "norm_rope_call_us", "tokens": length, "fused_us": round(f, 1),
-                          "fused_rows_us": round(rows, 1), "pytorch_us": round(r, 1),
+                          "pytorch_us": round(r, 1),
                           "card": torch.cuda.get_device_name(0)}), flush=True)
 
 

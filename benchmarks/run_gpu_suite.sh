@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|next|s3|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -67,24 +67,14 @@ if [ "$what" = round3 ]; then
   timeout 80 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
     --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | filter
 fi
-if [ "$what" = next ]; then
-  # the kernel variants (strided pairs / whole rows / none) on one GPU, then the fork path on 4 and 1 GPUs
-  CUDA_VISIBLE_DEVICES=0 timeout 60 python3 benchmarks/probe_launch.py 2>&1 | filter
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
-    --fused on rows off --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
-  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
-    --out "$OUT/e2e.jsonl" 2>&1 | filter
-  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | filter
-fi
 if [ "$what" = s3 ]; then
   # A (side by side): kernel variants + diffusers on GPU 0; 1-GPU fork path then a 1-GPU profile on GPU 1;
   # Ulysses-2 profiles (eager, graph) and 2-GPU steps at 1024² and 2048² on GPUs 2-3
   f3() { grep -E '^\{|Error|error:|Fused q/k' | grep -v Warning; }
   ( CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
-      --fused on rows off --diffusers --out "$OUT/step.jsonl" 2>&1 | f3 ) &
+      --fused on off --diffusers --out "$OUT/step.jsonl" 2>&1 | f3 ) &
   ( export CUDA_VISIBLE_DEVICES=1; timeout 300 bash -c "python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
-      --tag 1gpu --out $OUT/e2e.jsonl; TACO_FUSED_KERNELS=rows python3 benchmarks/profile_flux_step.py --sizes 1024 \
+      --tag 1gpu --out $OUT/e2e.jsonl; python3 benchmarks/profile_flux_step.py --sizes 1024 \
       --out $OUT/profile.jsonl" 2>&1 | f3 ) &
   ( export CUDA_VISIBLE_DEVICES=2,3; timeout 300 bash -c "torchrun --nproc_per_node=2 --master_port 29613 \
       benchmarks/profile_flux_step.py --sizes 1024 --config u2 --graph --out $OUT/profile.jsonl; \

@@ -36,12 +36,6 @@ def check_norm_and_rope() -> None:
             ref = fused.norm_rope_reference(q, w, 1e-6, f)
             out = torch.empty(q.shape, dtype=dtype)
             fused._launch(q, w, 1e-6, f, out)
-            # the whole-row variant (TACO_FUSED_KERNELS=rows) computes the same values
-            os.environ["TACO_FUSED_KERNELS"] = "rows"
-            rows = torch.empty(q.shape, dtype=dtype)
-            fused._launch(q, w, 1e-6, f, rows)
-            del os.environ["TACO_FUSED_KERNELS"]
-            assert torch.equal(rows, out), (dtype, w is None, f is None)
             # Triton's interpreter rounds float32 -> bfloat16 by truncation (GPUs round to nearest even),
             # so in bf16 each of the two roundings may add one more ulp here than on a GPU
             limit = 1.0 if dtype == torch.float16 else 2.0

@@ -3,8 +3,8 @@
 Eager PyTorch spends a large share of a Flux step here (benchmarks/profile_flux_step.py: at 1024² the
 strided-input RMS norm, its copies and the float32 RoPE passes take about a fifth of the GPU time), because
 each op is a separate pass over [B, H, L, D] tensors, RoPE in float32. One Triton kernel reads each q/k row
-once from wherever the projection left it (any strides, last dim contiguous), normalises it, rotates it and
-writes it once, into a new tensor or straight into a slice of a larger one (Flux's joint text+image
+once, whole and contiguously, from wherever the projection left it (any strides, last dim contiguous),
+normalises it, rotates it and writes it once, into a new tensor or straight into a slice of a larger one (Flux's joint text+image
 sequence), so no concatenation follows.
 
 Numerics follow the PyTorch path they replace: the norm is computed in float32 and rounded to the
@@ -15,10 +15,6 @@ Used only for CUDA half-precision tensors, outside torch.compile tracing (Induct
 itself), when Triton is importable and `TACO_FUSED_KERNELS` is not "0". The first call per device checks
 the kernel against the PyTorch path on the real input and turns the kernel off, with a warning, if they
 disagree. Everything else takes the PyTorch path.
-
-`TACO_FUSED_KERNELS=rows` selects a variant that loads and stores whole rows contiguously instead of the
-pairs' strided elements (the timed kernel moves only about 0.5 TB/s; benchmarks/RESULTS.md). It computes
-the same values (tests/test_fused_kernels.py) but has not been timed on a GPU yet, so it is not the default.
 """
 
 from __future__ import annotations
@@ -40,7 +36,6 @@ def _kernel():
             _state["triton"] = False
             return False
         _state["triton"] = fused_triton.norm_rope_kernel
-        _state["triton_rows"] = fused_triton.norm_rope_kernel_rows
     return _state["triton"]
 
 
@@ -122,8 +117,6 @@ def _plan(x: torch.Tensor, weight, freqs, out):
 
 def _launch(x, weight, eps, freqs, out, fstr=None):
     kernel = _kernel()
-    if os.environ.get("TACO_FUSED_KERNELS") == "rows":
-        kernel = _state["triton_rows"]
     n0, n1, n2, d = x.shape
     if fstr is None:
         fstr = _freqs_strides(x, freqs)
@@ -161,8 +154,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
         return out
     target = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    variant = (x.device.index, os.environ.get("TACO_FUSED_KERNELS") == "rows")  # checked once per kernel
-    if variant not in _state["verified"] and not capturing:
+    if x.device.index not in _state["verified"] and not capturing:
         ref = norm_rope_reference(x, weight, eps, freqs)
         try:
             _launch(x, weight, eps, freqs, target, fstr)
@@ -178,6 +170,6 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
                             "PyTorch path from now on (error %.2f times the allowed two bf16 ulps)", err)
             target.copy_(ref)
             return target
-        _state["verified"].add(variant)
+        _state["verified"].add(x.device.index)
         return target
     return _launch(x, weight, eps, freqs, target, fstr)
