@@ -47,6 +47,56 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     return F.linear(x, w, b)
 
 
+def _layer_weight(layer: torch.nn.Module, x: torch.Tensor):
+    """(weight, bias) as the layer computes with them: cast per call by manual_cast layers."""
+    if getattr(layer, "compute_dtype", None) is not None or layer.weight.dtype != x.dtype \
+            or layer.weight.device != x.device:
+        return cast_bias_weight(layer, x)
+    return layer.weight, layer.bias
+
+
+def linear_gelu(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(layer(x)) for a Linear layer, in one GEMM on CUDA: cuBLASLt applies the bias and the
+    tanh-approximated GELU in the matmul's epilogue (`torch._addmm_activation`), so the [L, ffn] result is
+    written once instead of written, read and written again by a separate GELU pass. Elsewhere (CPU,
+    no bias, fp32 on CPU for the tests' bit-exact comparisons) it is the two ops."""
+    w, b = _layer_weight(layer, x)
+    if x.is_cuda and b is not None and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == w.shape[1]:
+        out = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], w.shape[0])
+    return F.gelu(linear(x, w, b), approximate="tanh")
+
+
+def linear_rows(layer: torch.nn.Module, x: torch.Tensor, start: int, stop: int, gelu: bool = False) -> torch.Tensor:
+    """Output features [start, stop) of a Linear layer (a row slice of its weight: no copy), optionally
+    through the tanh GELU fused as in `linear_gelu`."""
+    w, b = _layer_weight(layer, x)
+    w, b = w[start:stop], (b[start:stop] if b is not None else None)
+    if gelu and x.is_cuda and b is not None and x.dtype in (torch.bfloat16, torch.float16):
+        return torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True) \
+            .view(*x.shape[:-1], stop - start)
+    out = linear(x, w, b)
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
+def linear_split_input(layer: torch.nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
+    """layer(cat(parts, dim=-1)) without building the concatenation: one GEMM per part over the matching
+    column block of the weight, accumulated in place into the first result (cuBLAS beta = 1)."""
+    w, b = _layer_weight(layer, parts[0])
+    start, out = 0, None
+    for part in parts:
+        cols = w[:, start:start + part.shape[-1]]
+        start += part.shape[-1]
+        if out is None:
+            out = linear(part, cols, b)
+        else:
+            out2d = out.view(-1, out.shape[-1])
+            out2d.addmm_(part.reshape(-1, part.shape[-1]), cols.t())
+    if start != w.shape[1]:
+        raise ValueError(f"input parts cover {start} features, the layer takes {w.shape[1]}")
+    return out
+
+
 class disable_weight_init:
     class Linear(torch.nn.Linear):
         def reset_parameters(self):

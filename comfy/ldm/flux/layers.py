@@ -10,6 +10,7 @@ from torch import nn
 
 from comfy.ldm.modules.attention import optimized_attention
 from comfy.ldm.modules.fused import norm_rope
+from comfy.ops import linear_gelu, linear_rows, linear_split_input
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
@@ -74,16 +75,23 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(head_dim, dtype=dtype, device=device, operations=operations)
         self.proj = operations.Linear(dim, dim, dtype=dtype, device=device)
 
-    def qkv_rope(self, x: torch.Tensor, pe: torch.Tensor | None, q_out: torch.Tensor | None = None,
-                 k_out: torch.Tensor | None = None):
-        """x [B, L, dim] -> q, k (qk-normed and rotated by `pe`) and v, each [B, H, L, D]; the norm and RoPE
-        are one fused pass each on CUDA (comfy/ldm/modules/fused.py). `q_out` / `k_out`: where to write q and
-        k (slices of a joint-sequence buffer), else new tensors."""
+    def qkv_rope(self, x: torch.Tensor, pe: torch.Tensor | None, out: torch.Tensor | None = None):
+        """x [B, L, dim] -> q, k (qk-normed and rotated by `pe`) and v, each a [B, H, L, D] view of one packed
+        [B, L, 3, H, D] buffer: `out` (e.g. this stream's slice of a joint-sequence buffer) or, without it, the
+        projection's own output, rewritten in place. The norm and RoPE are one fused pass each on CUDA
+        (comfy/ldm/modules/fused.py). Packed q/k/v is the layout cuDNN's attention reads directly and gives
+        its output back in token-major order, so no transpose copies follow."""
         b, length, _ = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q = norm_rope(q, self.norm.query_norm.scale, 1e-6, pe, out=q_out)
-        k = norm_rope(k, self.norm.key_norm.scale, 1e-6, pe, out=k_out)
-        return q, k, v
+        qkv = self.qkv(x).view(b, length, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if out is None:
+            out = qkv
+        else:
+            out[:, :, 2].copy_(qkv[:, :, 2])
+        q_out, k_out, v_out = out.permute(2, 0, 3, 1, 4).unbind(0)
+        norm_rope(q, self.norm.query_norm.scale, 1e-6, pe, out=q_out)
+        norm_rope(k, self.norm.key_norm.scale, 1e-6, pe, out=k_out)
+        return q_out, k_out, v_out
 
 
 class Modulation(nn.Module):
@@ -102,6 +110,11 @@ class Modulation(nn.Module):
 
 def _modulate(x_normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift, x_normed, 1 + scale)
+
+
+def _mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The Sequential(Linear, GELU(tanh), Linear) MLP with the GELU fused into the first GEMM."""
+    return mlp[2](linear_gelu(mlp[0], x))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -133,26 +146,24 @@ class DoubleStreamBlock(nn.Module):
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
 
-        # joint attention over [txt, img] (the order the checkpoint's RoPE ids are laid out in): q and k are
-        # normed and rotated straight into their half of the joint buffers, so no concatenation follows
+        # joint attention over [txt, img] (the order the checkpoint's RoPE ids are laid out in): q, k and v
+        # are written straight into their stream's half of one packed joint buffer, so no concatenation follows
         txt_len = txt.shape[1]
         b, joint = img.shape[0], txt_len + img.shape[1]
         heads, head_dim = self.num_heads, self.hidden_size // self.num_heads
-        q = torch.empty((b, heads, joint, head_dim), dtype=img.dtype, device=img.device)
-        k = torch.empty_like(q)
+        qkv = torch.empty((b, joint, 3, heads, head_dim), dtype=img.dtype, device=img.device)
         txt_pe, img_pe = (pe[:, :, :txt_len], pe[:, :, txt_len:]) if pe is not None else (None, None)
-        _, _, txt_v = self.txt_attn.qkv_rope(_modulate(self.txt_norm1(txt), txt_shift1, txt_scale1), txt_pe,
-                                             q[:, :, :txt_len], k[:, :, :txt_len])
-        _, _, img_v = self.img_attn.qkv_rope(_modulate(self.img_norm1(img), img_shift1, img_scale1), img_pe,
-                                             q[:, :, txt_len:], k[:, :, txt_len:])
-        attn = optimized_attention(q, k, torch.cat((txt_v, img_v), dim=2), heads, mask=attn_mask,
-                                   skip_reshape=True, transformer_options=transformer_options)
+        self.txt_attn.qkv_rope(_modulate(self.txt_norm1(txt), txt_shift1, txt_scale1), txt_pe, qkv[:, :txt_len])
+        self.img_attn.qkv_rope(_modulate(self.img_norm1(img), img_shift1, img_scale1), img_pe, qkv[:, txt_len:])
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = optimized_attention(q, k, v, heads, mask=attn_mask, skip_reshape=True,
+                                   transformer_options=transformer_options)
         txt_attn, img_attn = attn[:, :txt_len], attn[:, txt_len:]
 
         img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
-        img = torch.addcmul(img, img_gate2, self.img_mlp(_modulate(self.img_norm2(img), img_shift2, img_scale2)))
+        img = torch.addcmul(img, img_gate2, _mlp(self.img_mlp, _modulate(self.img_norm2(img), img_shift2, img_scale2)))
         txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(_modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
+        txt = torch.addcmul(txt, txt_gate2, _mlp(self.txt_mlp, _modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
         if txt.dtype == torch.float16:
             txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
         return img, txt
@@ -173,30 +184,25 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = operations.Linear(hidden_size + self.mlp_hidden_dim, hidden_size, **kw)
         self.norm = QKNorm(head_dim, operations=operations, **kw)
         self.pre_norm = operations.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6, **kw)
-        self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False, operations=operations, **kw)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, transformer_options: dict | None = None):
         (shift, scale, gate), _ = self.modulation(vec)
         b, length, _ = x.shape
-        qkv, mlp = torch.split(self.linear1(_modulate(self.pre_norm(x), shift, scale)),
-                               [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
-        q, k, v = qkv.view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q = norm_rope(q, self.norm.query_norm.scale, 1e-6, pe)
-        k = norm_rope(k, self.norm.key_norm.scale, 1e-6, pe)
+        hidden, mlp_hidden = self.hidden_dim, self.mlp_hidden_dim
+        h = _modulate(self.pre_norm(x), shift, scale)
+        # linear1 as two GEMMs over row slices of its weight: q/k/v, and the MLP input with its GELU fused
+        # into the GEMM; linear2 as two GEMMs over column slices, accumulated: no split, GELU or concat pass
+        qkv = linear_rows(self.linear1, h, 0, 3 * hidden).view(b, length, 3, self.num_heads, -1)
+        mlp = linear_rows(self.linear1, h, 3 * hidden, 3 * hidden + mlp_hidden, gelu=True)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        norm_rope(q, self.norm.query_norm.scale, 1e-6, pe, out=q)  # in place: q/k/v stay packed
+        norm_rope(k, self.norm.key_norm.scale, 1e-6, pe, out=k)
         attn = optimized_attention(q, k, v, self.num_heads, mask=attn_mask, skip_reshape=True,
                                    skip_output_reshape=True, transformer_options=transformer_options)
-        attn = attn.transpose(1, 2)  # [B, L, H, D]
-        if torch.is_grad_enabled() and mlp.requires_grad:  # out= ops do not record gradients
-            joined = torch.cat((attn.reshape(b, length, -1), self.mlp_act(mlp)), dim=2)
-        else:
-            # linear2's input [attention | gelu(mlp)] is filled in place: no concatenation pass
-            joined = torch.empty((b, length, self.hidden_dim + self.mlp_hidden_dim), dtype=x.dtype,
-                                 device=x.device)
-            joined[..., :self.hidden_dim].view(b, length, self.num_heads, -1).copy_(attn)
-            torch.ops.aten.gelu.out(mlp, approximate="tanh", out=joined[..., self.hidden_dim:])
-        out = self.linear2(joined)
+        attn = attn.transpose(1, 2).reshape(b, length, hidden)  # a view when attention returned [B, L, H, D]
+        out = linear_split_input(self.linear2, [attn, mlp])
         x = torch.addcmul(x, gate, out)
         if x.dtype == torch.float16:
             x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)

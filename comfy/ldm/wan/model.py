@@ -24,6 +24,7 @@ import comfy.ops
 from comfy.ldm.common_dit import pad_to_patch_size
 from comfy.ldm.flux.math import apply_rope1, rope
 from comfy.ldm.modules.attention import cross_attention_options, optimized_attention
+from comfy.ops import linear_gelu
 
 # Every released Wan 2.1 / 2.2 DiT uses 128-wide heads (1.3B: 1536 = 12 x 128, 14B: 5120 = 40 x 128);
 # the checkpoint stores qk-norm across all heads, so the head count is not in the file.
@@ -171,7 +172,7 @@ class WanAttentionBlock(nn.Module):
         y = self.self_attn(torch.addcmul(shift1, self.norm1(x), 1 + scale1), freqs, transformer_options)
         x = torch.addcmul(x, y, gate1)
         x = x + self.cross_attn(self.norm3(x), context, context_img_len, transformer_options)
-        y = self.ffn(torch.addcmul(shift2, self.norm2(x), 1 + scale2))
+        y = self.ffn[2](linear_gelu(self.ffn[0], torch.addcmul(shift2, self.norm2(x), 1 + scale2)))  # GELU in the GEMM
         return torch.addcmul(x, y, gate2)
 
 

@@ -82,27 +82,34 @@ def _seq_to_heads(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
 
 
 def _qkv_seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: GroupHandle):
-    """_seq_to_heads for q, k and v in ONE all-to-all: a third of the collective launches and syncs,
-    which is what limits Ulysses at small per-rank token counts."""
+    """_seq_to_heads for q, k and v in ONE all-to-all (a third of the collective launches and syncs), laid
+    out so that what arrives needs no reordering: each destination's block is [B, S/P, 3, H/P, D], token-major
+    with q/k/v packed per token. Blocks arrive in sequence order, so for B == 1 the received buffer already
+    is a packed [1, S, 3, H/P, D] sequence and q, k, v are views of it (the layout cuDNN's attention reads
+    directly, and the one whose output `_heads_to_seq` sends without a copy)."""
     p = group.size
     b, h, s, d = q.shape
-    send = torch.empty((p, 3, b, h // p, s, d), dtype=q.dtype, device=q.device)
+    send = torch.empty((p, b, s, 3, h // p, d), dtype=q.dtype, device=q.device)
     for i, t in enumerate((q, k, v)):
-        send[:, i].copy_(t.reshape(b, p, h // p, s, d).transpose(0, 1))
+        send[:, :, :, i].copy_(t.unflatten(1, (p, h // p)).permute(1, 0, 3, 2, 4))
     recv = torch.empty_like(send)
     group.all_to_all_single(recv, send)
-    out = recv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, h // p, p * s, d)
-    return out[0], out[1], out[2]
+    packed = recv.view(p * s, 3, h // p, d)[None] if b == 1 else \
+        recv.transpose(0, 1).reshape(b, p * s, 3, h // p, d)
+    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 def _heads_to_seq(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
-    """Inverse of _seq_to_heads: [B, H/P, S, D] -> [B, H, S/P, D]."""
+    """Inverse of _seq_to_heads: [B, H/P, S, D] -> [B, H, S/P, D], returned token-major ([B, S/P, H, D] in
+    memory, so the caller's [B, S/P, H*D] view is free). Attention output that is token-major already
+    (cuDNN's, for packed inputs) is sent as it is; the one copy is the arriving head groups' interleave."""
     p = group.size
     b, hp, s, d = x.shape
-    send = x.reshape(b, hp, p, s // p, d).permute(2, 0, 1, 3, 4).contiguous()
+    send = x.transpose(1, 2).reshape(b, p, s // p, hp, d).transpose(0, 1).contiguous()
     recv = torch.empty_like(send)
     group.all_to_all_single(recv, send)
-    return recv.transpose(0, 1).reshape(b, p * hp, s // p, d)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * hp, d).transpose(1, 2)
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle, ring: GroupHandle,
