@@ -48,3 +48,26 @@ def norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, n_rows, n1, n2, xs0, xs1, xs2, 
         y1 = x1
     y = tl.reshape(tl.join(y0, y1), [BLOCK_R, 2 * HALF]).to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + (i0 * os0 + i1 * os1 + i2 * os2)[:, None] + c[None, :], y, mask=m)
+
+
+@triton.jit
+def layernorm_modulate_kernel(x_ptr, sh_ptr, sc_ptr, o_ptr, n_rows, n1, C, xs0, xs1, shs0, shs1, scs0, scs1,
+                              os0, os1, eps, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    # BLOCK_R whole rows of x [n0, n1, C] per program, each read once; shift/scale rows broadcast by stride 0.
+    # The roundings are those of F.layer_norm followed by torch.addcmul(shift, normed, 1 + scale).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i0 = (rows // n1).to(tl.int64)
+    i1 = (rows % n1).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = (rows < n_rows)[:, None] & (c < C)[None, :]
+    x = tl.load(x_ptr + (i0 * xs0 + i1 * xs1)[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    d = tl.where(m, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(d * d, axis=1) / C + eps)  # biased variance, as F.layer_norm
+    # the norm's output is rounded to the activation dtype, as the separate layer_norm's is
+    normed = (d * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    sh = tl.load(sh_ptr + (i0 * shs0 + i1 * shs1)[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+    sc = tl.load(sc_ptr + (i0 * scs0 + i1 * scs1)[:, None] + c[None, :], mask=m, other=0.0).to(tl.float32)
+    one_plus = (sc + 1.0).to(sc_ptr.dtype.element_ty).to(tl.float32)  # `1 + scale` is its own op
+    y = tl.fma(normed, one_plus, sh)  # addcmul: float32, one rounding (PyTorch uses fma when value == 1)
+    tl.store(o_ptr + (i0 * os0 + i1 * os1)[:, None] + c[None, :], y.to(o_ptr.dtype.element_ty), mask=m)
