@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfy.ldm.modules.attention import optimized_attention
-from comfy.ldm.modules.fused import norm_rope
+from comfy.ldm.modules.fused import layernorm_modulate, norm_rope
 from comfy.ops import linear_gelu, linear_rows, linear_split_input
 
 
@@ -108,8 +108,10 @@ class Modulation(nn.Module):
         return out, None
 
 
-def _modulate(x_normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.addcmul(shift, x_normed, 1 + scale)
+def _norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """shift + norm(x) * (1 + scale) for an affine-free LayerNorm, in one fused pass on CUDA
+    (comfy/ldm/modules/fused.py; bit-for-bit the two ops elsewhere)."""
+    return layernorm_modulate(x, shift, scale, norm.eps)
 
 
 def _mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -153,17 +155,17 @@ class DoubleStreamBlock(nn.Module):
         heads, head_dim = self.num_heads, self.hidden_size // self.num_heads
         qkv = torch.empty((b, joint, 3, heads, head_dim), dtype=img.dtype, device=img.device)
         txt_pe, img_pe = (pe[:, :, :txt_len], pe[:, :, txt_len:]) if pe is not None else (None, None)
-        self.txt_attn.qkv_rope(_modulate(self.txt_norm1(txt), txt_shift1, txt_scale1), txt_pe, qkv[:, :txt_len])
-        self.img_attn.qkv_rope(_modulate(self.img_norm1(img), img_shift1, img_scale1), img_pe, qkv[:, txt_len:])
+        self.txt_attn.qkv_rope(_norm_modulate(self.txt_norm1, txt, txt_shift1, txt_scale1), txt_pe, qkv[:, :txt_len])
+        self.img_attn.qkv_rope(_norm_modulate(self.img_norm1, img, img_shift1, img_scale1), img_pe, qkv[:, txt_len:])
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         attn = optimized_attention(q, k, v, heads, mask=attn_mask, skip_reshape=True,
                                    transformer_options=transformer_options)
         txt_attn, img_attn = attn[:, :txt_len], attn[:, txt_len:]
 
         img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
-        img = torch.addcmul(img, img_gate2, _mlp(self.img_mlp, _modulate(self.img_norm2(img), img_shift2, img_scale2)))
+        img = torch.addcmul(img, img_gate2, _mlp(self.img_mlp, _norm_modulate(self.img_norm2, img, img_shift2, img_scale2)))
         txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, txt_gate2, _mlp(self.txt_mlp, _modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
+        txt = torch.addcmul(txt, txt_gate2, _mlp(self.txt_mlp, _norm_modulate(self.txt_norm2, txt, txt_shift2, txt_scale2)))
         if txt.dtype == torch.float16:
             txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
         return img, txt
@@ -191,7 +193,7 @@ class SingleStreamBlock(nn.Module):
         (shift, scale, gate), _ = self.modulation(vec)
         b, length, _ = x.shape
         hidden, mlp_hidden = self.hidden_dim, self.mlp_hidden_dim
-        h = _modulate(self.pre_norm(x), shift, scale)
+        h = _norm_modulate(self.pre_norm, x, shift, scale)
         # linear1 as two GEMMs over row slices of its weight: q/k/v, and the MLP input with its GELU fused
         # into the GEMM; linear2 as two GEMMs over column slices, accumulated: no split, GELU or concat pass
         qkv = linear_rows(self.linear1, h, 0, 3 * hidden).view(b, length, 3, self.num_heads, -1)
@@ -221,4 +223,4 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
+        return self.linear(_norm_modulate(self.norm_final, x, shift, scale))

@@ -24,6 +24,7 @@ import comfy.ops
 from comfy.ldm.common_dit import pad_to_patch_size
 from comfy.ldm.flux.math import apply_rope1, rope
 from comfy.ldm.modules.attention import cross_attention_options, optimized_attention
+from comfy.ldm.modules.fused import layernorm_modulate
 from comfy.ops import linear_gelu
 
 # Every released Wan 2.1 / 2.2 DiT uses 128-wide heads (1.3B: 1536 = 12 x 128, 14B: 5120 = 40 x 128);
@@ -169,10 +170,10 @@ class WanAttentionBlock(nn.Module):
         """x [B, L, dim]; e [B, 6, dim] time projection; context [B, Lc, dim]."""
         mod = self.modulation.to(dtype=e.dtype, device=e.device) + e
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)     # each [B, 1, dim]
-        y = self.self_attn(torch.addcmul(shift1, self.norm1(x), 1 + scale1), freqs, transformer_options)
+        y = self.self_attn(layernorm_modulate(x, shift1, scale1, self.norm1.eps), freqs, transformer_options)
         x = torch.addcmul(x, y, gate1)
         x = x + self.cross_attn(self.norm3(x), context, context_img_len, transformer_options)
-        y = self.ffn[2](linear_gelu(self.ffn[0], torch.addcmul(shift2, self.norm2(x), 1 + scale2)))  # GELU in the GEMM
+        y = self.ffn[2](linear_gelu(self.ffn[0], layernorm_modulate(x, shift2, scale2, self.norm2.eps)))  # GELU in the GEMM
         return torch.addcmul(x, y, gate2)
 
 

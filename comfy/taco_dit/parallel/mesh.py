@@ -79,9 +79,11 @@ class GroupHandle:
         dist.all_gather(parts, tensor, group=self.group)
         return torch.cat(parts, dim=dim)
 
-    def all_to_all_single(self, output: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_to_all_single(output, tensor, group=self.group)
-        return output
+    def all_to_all_single(self, output: torch.Tensor, tensor: torch.Tensor, async_op: bool = False):
+        """`output` filled from every rank's slice of `tensor`; with async_op, the collective's Work (its
+        `wait()` orders the current stream after it on GPUs)."""
+        work = dist.all_to_all_single(output, tensor, group=self.group, async_op=async_op)
+        return work if async_op else output
 
     def ring_exchange(self, tensor: torch.Tensor) -> torch.Tensor:
         """Send `tensor` to the next rank of the group, return the one from the previous rank."""

@@ -10,6 +10,8 @@ The same code runs over gloo on CPU (tests, --cpu) and NCCL on GPUs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from comfy.ldm.modules.attention import sdpa
@@ -81,23 +83,50 @@ def _seq_to_heads(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, h // p, p * s, d)
 
 
-def _qkv_seq_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: GroupHandle):
-    """_seq_to_heads for q, k and v in ONE all-to-all (a third of the collective launches and syncs), laid
-    out so that what arrives needs no reordering: each destination's block is [B, S/P, 3, H/P, D], token-major
-    with q/k/v packed per token. Blocks arrive in sequence order, so for B == 1 the received buffer already
-    is a packed [1, S, 3, H/P, D] sequence and q, k, v are views of it (the layout cuDNN's attention reads
-    directly, and the one whose output `_heads_to_seq` sends without a copy)."""
-    p = group.size
+def ulysses_chunks(heads_per_rank: int) -> int:
+    """Head groups the Ulysses all-to-alls are pipelined over: `TACO_ULYSSES_CHUNKS` (default 2, 1 = off),
+    used where it divides this rank's heads."""
+    value = os.environ.get("TACO_ULYSSES_CHUNKS", "auto").strip().lower()
+    n = 2 if value in ("", "auto") else int(value)
+    return n if n >= 1 and heads_per_rank % n == 0 else 1
+
+
+def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle,
+                       ring: GroupHandle, keep) -> torch.Tensor:
+    """Ulysses with q, k and v in one all-to-all per head group, pipelined over `ulysses_chunks` groups: the
+    all-to-all of group c+1 and the return of group c run on the communication stream while group c's (or
+    c+1's) attention computes, so only the first exchange and the last return are exposed.
+
+    Layouts are chosen so nothing arriving needs reordering: each destination's block is [B, S/P, 3, h, D],
+    token-major with q/k/v packed per token, and blocks arrive in sequence order, so for B == 1 the received
+    buffer already is a packed [1, S, 3, h, D] sequence (the layout cuDNN's attention reads directly) and
+    its token-major output is sent back as it is. The one reordering copy is the final interleave of the
+    returning head groups into [B, S/P, H, D], returned as a [B, H, S/P, D] view."""
+    p = ulysses.size
     b, h, s, d = q.shape
-    send = torch.empty((p, b, s, 3, h // p, d), dtype=q.dtype, device=q.device)
+    hp = h // p
+    n = ulysses_chunks(hp)
+    hc = hp // n
+    send = torch.empty((n, p, b, s, 3, hc, d), dtype=q.dtype, device=q.device)
     for i, t in enumerate((q, k, v)):
-        send[:, :, :, i].copy_(t.unflatten(1, (p, h // p)).permute(1, 0, 3, 2, 4))
+        send[:, :, :, :, i].copy_(t.unflatten(1, (p, n, hc)).permute(2, 1, 0, 4, 3, 5))
     recv = torch.empty_like(send)
-    group.all_to_all_single(recv, send)
-    packed = recv.view(p * s, 3, h // p, d)[None] if b == 1 else \
-        recv.transpose(0, 1).reshape(b, p * s, 3, h // p, d)
-    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
-    return q, k, v
+    arriving = [ulysses.all_to_all_single(recv[c], send[c], async_op=True) for c in range(n)]
+    back = torch.empty((n, p, b, s, hc, d), dtype=q.dtype, device=q.device)
+    returning, keep_alive = [], []
+    for c in range(n):
+        arriving[c].wait()
+        packed = recv[c].view(p * s, 3, hc, d)[None] if b == 1 else \
+            recv[c].transpose(0, 1).reshape(b, p * s, 3, hc, d)
+        qc, kc, vc = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        out = ring_attention(qc, kc, vc, ring, keep)  # [B, hc, S, D]
+        out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1).contiguous()
+        keep_alive.append(out)
+        returning.append(ulysses.all_to_all_single(back[c], out, async_op=True))
+    for work in returning:
+        work.wait()
+    # back[c, r]: heads r*hp + c*hc ... of this rank's tokens
+    return back.permute(2, 3, 1, 0, 4, 5).reshape(b, s, h, d).transpose(1, 2)
 
 
 def _heads_to_seq(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
@@ -120,18 +149,16 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Gr
     if heads % ulysses.size != 0:
         raise ValueError(f"Ulysses degree {ulysses.size} does not divide the {heads} attention heads; "
                          f"use a Ulysses degree that divides {heads} and put the rest in ring degree")
-    if ulysses.size > 1:
-        if q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
-            q, k, v = _qkv_seq_to_heads(q, k, v, ulysses)
-        else:
-            q, k, v = (_seq_to_heads(t, ulysses) for t in (q, k, v))
     keep = None
     if kv_keep_global is not None:
         # After the all-to-all this rank holds the ring slot `ring.rank_in_group`: its keys are the
         # chunks of sp ranks [slot*U, (slot+1)*U). Each ring block is one such slot.
         blocks = kv_keep_global.reshape(ring.size, -1)
         keep = [None if bool(b.all()) else b.nonzero().squeeze(1).to(q.device) for b in blocks]
-    out = ring_attention(q, k, v, ring, keep)
-    if ulysses.size > 1:
-        out = _heads_to_seq(out, ulysses)
+    if ulysses.size == 1:
+        return ring_attention(q, k, v, ring, keep)
+    if q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
+        return _ulysses_attention(q, k, v, ulysses, ring, keep)
+    q, k, v = (_seq_to_heads(t, ulysses) for t in (q, k, v))
+    out = _heads_to_seq(ring_attention(q, k, v, ring, keep), ulysses)
     return out
