@@ -1,4 +1,5 @@
-"""Where one Flux.1-dev transformer step spends its GPU time (full size, random weights, bf16): torch.profiler
+"""Where one Flux.1-dev (or, with --model wan, Wan 2.1 14B 832x480x81) transformer step spends its GPU time
+(full size, random weights, bf16): torch.profiler
 over one forward, kernels grouped into matmul / attention / collectives / copies / the rest, the top kernels,
 and how long the GPU sat idle inside the step (wall time of the step minus the union of kernel intervals).
 
@@ -94,7 +95,8 @@ def profile_once(fn, top: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024])
+    p.add_argument("--model", choices=["flux", "wan"], default="flux")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024], help="Flux image sizes")
     p.add_argument("--config", default="", help="uN / rN / uNrM under torchrun")
     p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay instead of eager")
     p.add_argument("--top", type=int, default=30)
@@ -104,25 +106,40 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(dev)
-    model = Flux(**FLUX_DEV, dtype=torch.bfloat16, device=dev).eval()
+    if args.model == "wan":
+        from bench_wan_step import WAN_14B
+        from bench_wan_step import inputs as wan_inputs
+
+        from comfy.ldm.wan.model import WanModel
+        model = WanModel(**WAN_14B, dtype=torch.bfloat16, device=dev).eval()
+    else:
+        model = Flux(**FLUX_DEV, dtype=torch.bfloat16, device=dev).eval()
     init_random_(model)
     if world > 1:
         from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh
-        from comfy.taco_dit.parallel.sequence_parallel import flux_forward_orig
+        from comfy.taco_dit.parallel.sequence_parallel import flux_forward_orig, wan_forward_orig
 
         dist.init_process_group("nccl", device_id=dev)
         u, r = parse_config(args.config or f"u{world}")
         mesh = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl")
-        model.forward_orig = flux_forward_orig(mesh).__get__(model, Flux)
-    for size in args.sizes:
-        x, t, ctx, y, g = inputs(size, dev)
-        if args.graph:
-            graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
-            fn = lambda: graphed(x, t, ctx, y, g)  # noqa: E731
+        adapter = wan_forward_orig if args.model == "wan" else flux_forward_orig
+        model.forward_orig = adapter(mesh).__get__(model, type(model))
+    for size in ([0] if args.model == "wan" else args.sizes):
+        if args.model == "wan":
+            batch = wan_inputs(WAN_14B, (21, 60, 104), dev, torch.bfloat16)
+            call = lambda a, b, c: model(a, b, c)  # noqa: E731
         else:
-            fn = lambda: model(x, t, ctx, y=y, guidance=g)  # noqa: E731
-        rec = {"size": size, "card": card(), "gpus": world, "rank": rank, "config": args.config or None,
-               "mode": "cuda_graph" if args.graph else "eager", **profile_once(fn, args.top)}
+            x, t, ctx, y, g = inputs(size, dev)
+            batch = (x, t, ctx, y, g)
+            call = lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e)  # noqa: E731
+        if args.graph:
+            graphed = CUDAGraphCallable(call)
+            fn = lambda: graphed(*batch)  # noqa: E731
+        else:
+            fn = lambda: call(*batch)  # noqa: E731
+        rec = {"model": args.model, "size": size or "832x480x81", "card": card(), "gpus": world, "rank": rank,
+               "config": args.config or None, "mode": "cuda_graph" if args.graph else "eager",
+               **profile_once(fn, args.top)}
         if rank != 0:
             rec["top"] = rec["top"][:8]
         print(json.dumps(rec), flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -88,6 +88,39 @@ if [ "$what" = s3 ]; then
     --out "$OUT/profile.jsonl" 2>&1 | f3
   timeout 80 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 1024 --config u4 \
     --out "$OUT/profile.jsonl" 2>&1 | f3
+fi
+if [ "$what" = s4 ]; then
+  # Flux after the GELU-epilogue / packed-qkv / fused-modulation / pipelined-Ulysses changes.
+  # A (side by side): 1-GPU steps + diffusers on GPU 0; 1-GPU fork path + profile on GPU 1; 2-GPU steps and
+  # profile on GPUs 2-3.  B: 4-GPU fork path, 4-GPU steps, 4-GPU profile.
+  f4() { grep -E '^\{|Error|error:|Fused|disagree|refused' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+      --diffusers --out "$OUT/step.jsonl" 2>&1 | f4 ) &
+  ( export CUDA_VISIBLE_DEVICES=1; timeout 240 bash -c "python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
+      --tag 1gpu --out $OUT/e2e.jsonl; python3 benchmarks/profile_flux_step.py --sizes 1024 2048 \
+      --out $OUT/profile.jsonl" 2>&1 | f4 ) &
+  ( export CUDA_VISIBLE_DEVICES=2,3; timeout 240 bash -c "torchrun --nproc_per_node=2 --master_port 29615 \
+      benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --configs u2 --out $OUT/step.jsonl; \
+      torchrun --nproc_per_node=2 --master_port 29616 benchmarks/profile_flux_step.py --sizes 1024 --config u2 \
+      --graph --out $OUT/profile.jsonl" 2>&1 | f4 ) &
+  wait
+  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f4
+  timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --configs u4 \
+    --out "$OUT/step.jsonl" 2>&1 | f4
+  TACO_ULYSSES_CHUNKS=1 timeout 60 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+    --configs u4 --out "$OUT/step_chunks1.jsonl" 2>&1 | f4
+  timeout 60 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 1024 --config u4 --graph \
+    --out "$OUT/profile.jsonl" 2>&1 | f4
+fi
+if [ "$what" = s5 ]; then
+  # Wan 2.1 14B: 1 GPU (ours, diffusers), then Ulysses 4 (steps and a profile)
+  f5() { grep -E '^\{|Error|error:|Fused|disagree|refused' | grep -v Warning; }
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --diffusers --out "$OUT/wan_step.jsonl" 2>&1 | f5
+  timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --graph --configs u4 \
+    --out "$OUT/wan_step.jsonl" 2>&1 | f5
+  timeout 90 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --model wan --config u4 \
+    --out "$OUT/profile.jsonl" 2>&1 | f5
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
