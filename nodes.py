@@ -22,12 +22,12 @@ import traceback
 import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
-from PIL.PngImagePlugin import PngInfo
 
 import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
+from comfy.png_writer import save_png
 
 MAX_RESOLUTION = 16384
 
@@ -302,17 +302,17 @@ class SaveImage:
         results = []
         for batch_number, image in enumerate(images):
             arr = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
-            img = Image.fromarray(arr)
             metadata = None
             if not args.disable_metadata:
-                metadata = PngInfo()
+                metadata = {}
                 if prompt is not None:
-                    metadata.add_text("prompt", json.dumps(prompt))
+                    metadata["prompt"] = json.dumps(prompt)
                 for key, value in (extra_pnginfo or {}).items():
-                    metadata.add_text(key, json.dumps(value))
+                    metadata[key] = json.dumps(value)
             name = filename.replace("%batch_num%", str(batch_number))
             file = f"{name}_{counter:05}_.png"
-            img.save(os.path.join(full_output_folder, file), pnginfo=metadata, compress_level=self.compress_level)
+            # comfy/png_writer: multi-threaded encoder writing the same tEXt/iTXt chunks as PngInfo.add_text
+            save_png(os.path.join(full_output_folder, file), arr, text=metadata, compress_level=self.compress_level)
             results.append({"filename": file, "subfolder": subfolder, "type": self.type})
             counter += 1
         return {"ui": {"images": results}}
