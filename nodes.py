@@ -27,7 +27,7 @@ import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
-from comfy.png_writer import save_png
+from comfy.png_writer import keyword_problem, save_png
 
 MAX_RESOLUTION = 16384
 
@@ -308,7 +308,11 @@ class SaveImage:
                 if prompt is not None:
                     metadata["prompt"] = json.dumps(prompt)
                 for key, value in (extra_pnginfo or {}).items():
-                    metadata[key] = json.dumps(value)
+                    problem = keyword_problem(key)
+                    if problem is None:
+                        metadata[key] = json.dumps(value)
+                    else:  # the image is still saved; only this item stays out of the file
+                        logging.warning("SaveImage: extra_pnginfo item left out of the PNG: %s", problem)
             name = filename.replace("%batch_num%", str(batch_number))
             file = f"{name}_{counter:05}_.png"
             # comfy/png_writer: multi-threaded encoder writing the same tEXt/iTXt chunks as PngInfo.add_text

@@ -116,6 +116,15 @@ def _keyword(key) -> bytes:
     return kb
 
 
+def keyword_problem(key) -> str | None:
+    """Why `key` cannot be a PNG text keyword, or None when it can."""
+    try:
+        _keyword(key)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
 def _text_chunk(key, value) -> list:
     kb = _keyword(key)
     if isinstance(value, (bytes, bytearray)):

@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from comfy import png_writer
@@ -262,3 +263,22 @@ def test_call_from_a_pool_worker_does_not_deadlock():
     futures = [pool.submit(encode_png, arr, None, 1, 2) for _ in range(4)]
     for f in futures:
         np.testing.assert_array_equal(np.asarray(decode(f.result(timeout=60))), arr)
+
+
+def test_save_image_keeps_the_image_when_a_metadata_key_is_not_a_png_keyword(tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    import folder_paths
+    import nodes
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    node = nodes.SaveImage()
+    image = torch.rand(1, 8, 8, 3)
+    res = node.save_images(image, "odd", prompt={"1": {}}, extra_pnginfo={"workflow": {"a": 1}, "x" * 100: 1,
+                                                                           "caf\u00e9 \u2603": 2})
+    path = tmp_path / res["ui"]["images"][0]["filename"]
+    with Image.open(path) as im:
+        assert json.loads(im.text["workflow"]) == {"a": 1} and "prompt" in im.text
+        assert len(im.text) == 2
