@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -114,13 +114,33 @@ if [ "$what" = s4 ]; then
     --out "$OUT/profile.jsonl" 2>&1 | f4
 fi
 if [ "$what" = s5 ]; then
-  # Wan 2.1 14B: 1 GPU (ours, diffusers), then Ulysses 4 (steps and a profile)
+  # Wan 2.1 14B: 1 GPU (ours, diffusers), then Ulysses 4 with the head-group pipelining on (2) and off (1),
+  # then a Ulysses-4 profile
   f5() { grep -E '^\{|Error|error:|Fused|disagree|refused' | grep -v Warning; }
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --diffusers --out "$OUT/wan_step.jsonl" 2>&1 | f5
-  timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --graph --configs u4 \
+  TACO_ULYSSES_CHUNKS=2 timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --configs u4 \
     --out "$OUT/wan_step.jsonl" 2>&1 | f5
-  timeout 90 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --model wan --config u4 \
+  TACO_ULYSSES_CHUNKS=1 timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --configs u4 \
+    --out "$OUT/wan_step_chunks1.jsonl" 2>&1 | f5
+  timeout 80 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --model wan --config u4 \
     --out "$OUT/profile.jsonl" 2>&1 | f5
+fi
+if [ "$what" = s6 ]; then
+  # NCCL all-to-all bandwidth at Ulysses' message sizes under a few NCCL settings, on 4 and 2 GPUs;
+  # then Flux 1024² Ulysses 4 and 2 with the head-group pipelining off (TACO_ULYSSES_CHUNKS=1)
+  f6() { grep -E '^\{|Error|error:' | grep -v Warning; }
+  for setting in "default" "NCCL_PROTO=Simple" "NCCL_MIN_NCHANNELS=32" "NCCL_MIN_P2P_NCHANNELS=32" \
+                 "NCCL_P2P_USE_CUDA_MEMCPY=1"; do
+    if [ "$setting" = default ]; then envs=(); else envs=("$setting"); fi
+    env "${envs[@]}" timeout 40 torchrun --nproc_per_node=4 benchmarks/probe_alltoall.py --tag "$setting" \
+      --out "$OUT/alltoall.jsonl" 2>&1 | f6
+  done
+  CUDA_VISIBLE_DEVICES=0,1 timeout 40 torchrun --nproc_per_node=2 benchmarks/probe_alltoall.py --tag default2 \
+    --out "$OUT/alltoall.jsonl" 2>&1 | f6
+  CUDA_VISIBLE_DEVICES=0 timeout 80 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+    --out "$OUT/step.jsonl" 2>&1 | f6
+  TACO_ULYSSES_CHUNKS=1 timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 \
+    --graph --configs u4 --out "$OUT/step.jsonl" 2>&1 | f6
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
