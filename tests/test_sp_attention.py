@@ -7,6 +7,8 @@ values is far below any real difference and far above fp32 noise (~1e-7).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,23 +18,24 @@ from comfy.taco_dit.parallel.sp_attention import usp_attention
 from tests.parallel_helpers import run_on_ranks
 
 
-def _inputs(seq: int, heads: int = 4, dim: int = 8):
+def _inputs(seq: int, heads: int = 4, dim: int = 8, batch: int = 2):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, heads, seq, dim, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, seq, dim, generator=g) for _ in range(3))
     return q, k, v
 
 
-def _worker(rank, world, ulysses, ring, seq, pad):
+def _worker(rank, world, ulysses, ring, seq, pad, batch=2, chunks=1):
+    os.environ["TACO_ULYSSES_CHUNKS"] = str(chunks)
     dims = MeshDims(world_size=world, ulysses=ulysses, ring=ring)
     mesh = ParallelMesh(dims)
-    q, k, v = _inputs(seq)
+    q, k, v = _inputs(seq, batch=batch)
     p = dims.sp
     padded = seq + pad
     keep = torch.ones(padded, dtype=torch.bool)
     if pad:
         keep[seq:] = False
         # padding values are large on purpose: if they leaked in as keys the result would be far off
-        q, k, v = (torch.cat([t, torch.full((2, t.shape[1], pad, t.shape[3]), 50.0)], dim=2) for t in (q, k, v))
+        q, k, v = (torch.cat([t, torch.full((batch, t.shape[1], pad, t.shape[3]), 50.0)], dim=2) for t in (q, k, v))
     chunk = padded // p
     idx = mesh.sp.rank_in_group
     local = [t[:, :, idx * chunk:(idx + 1) * chunk] for t in (q, k, v)]
@@ -51,6 +54,20 @@ def test_usp_matches_full_attention(world, ulysses, ring, seq, pad):
     q, k, v = _inputs(seq)
     ref = F.scaled_dot_product_attention(q, k, v)
     results = run_on_ranks(world, _worker, ulysses, ring, seq, pad)
+    out = torch.cat([o for _, o in sorted(results, key=lambda r: r[0])], dim=2)[:, :, :seq]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("world,ulysses,ring,seq,pad,batch,chunks", [
+    (2, 2, 1, 16, 0, 1, 1),   # batch 1: the received buffer is used as packed q/k/v views, no copy
+    (2, 2, 1, 15, 1, 1, 2),   # exchanges pipelined over two head groups (TACO_ULYSSES_CHUNKS=2)
+    (2, 2, 1, 16, 0, 2, 2),
+    (4, 2, 2, 29, 3, 1, 2),
+])
+def test_ulysses_layouts_and_pipelining_match_full_attention(world, ulysses, ring, seq, pad, batch, chunks):
+    q, k, v = _inputs(seq, batch=batch)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    results = run_on_ranks(world, _worker, ulysses, ring, seq, pad, batch, chunks)
     out = torch.cat([o for _, o in sorted(results, key=lambda r: r[0])], dim=2)[:, :, :seq]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
