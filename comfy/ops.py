@@ -79,22 +79,20 @@ def linear_rows(layer: torch.nn.Module, x: torch.Tensor, start: int, stop: int, 
     return F.gelu(out, approximate="tanh") if gelu else out
 
 
-def linear_split_input(layer: torch.nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
-    """layer(cat(parts, dim=-1)) without building the concatenation: one GEMM per part over the matching
-    column block of the weight, accumulated in place into the first result (cuBLAS beta = 1)."""
-    w, b = _layer_weight(layer, parts[0])
-    start, out = 0, None
-    for part in parts:
-        cols = w[:, start:start + part.shape[-1]]
-        start += part.shape[-1]
-        if out is None:
-            out = linear(part, cols, b)
-        else:
-            out2d = out.view(-1, out.shape[-1])
-            out2d.addmm_(part.reshape(-1, part.shape[-1]), cols.t())
-    if start != w.shape[1]:
-        raise ValueError(f"input parts cover {start} features, the layer takes {w.shape[1]}")
-    return out
+def linear_cols(layer: torch.nn.Module, x: torch.Tensor, start: int, stop: int,
+                accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer applied to input features [start, stop) only: x @ W[:, start:stop]^T (a column slice of the
+    weight, no copy). Without `accumulate_into` the bias is added and a new tensor returned; with it, the
+    product is added into that tensor in place (one GEMM with beta = 1), which is returned. Together these
+    compute layer(cat(parts, -1)) without building the concatenation."""
+    w, b = _layer_weight(layer, x)
+    cols = w[:, start:stop]
+    if x.shape[-1] != stop - start:
+        raise ValueError(f"input has {x.shape[-1]} features, the column slice [{start}, {stop}) takes {stop - start}")
+    if accumulate_into is None:
+        return linear(x, cols, b)
+    accumulate_into.view(-1, accumulate_into.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), cols.t())
+    return accumulate_into
 
 
 class disable_weight_init:

@@ -92,3 +92,44 @@ def test_ulysses_degree_must_divide_heads():
     q = torch.zeros(1, 4, 2, 8)
     with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
         usp_attention(q, q, q, One(), One())
+
+
+def _side_work_worker(rank, world):
+    dims = MeshDims(world_size=world, ulysses=world)
+    mesh = ParallelMesh(dims)
+    q, k, v = _inputs(16, batch=1)
+    chunk = 16 // world
+    local = [t[:, :, rank * chunk:(rank + 1) * chunk] for t in (q, k, v)]
+    calls = []
+    out = usp_attention(*local, mesh.ulysses, mesh.ring,
+                        side_work=(lambda: calls.append("before"), lambda: calls.append("after")))
+    return rank, out, calls
+
+
+def test_side_work_runs_once_each_around_the_ulysses_exchanges():
+    q, k, v = _inputs(16, batch=1)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    results = sorted(run_on_ranks(2, _side_work_worker), key=lambda r: r[0])
+    torch.testing.assert_close(torch.cat([o for _, o, _ in results], dim=2), ref, atol=1e-5, rtol=1e-5)
+    assert all(calls == ["before", "after"] for _, _, calls in results)
+
+
+def test_side_work_runs_first_for_overrides_that_do_not_take_it():
+    from comfy.ldm.modules.attention import OVERRIDE_KEY, optimized_attention
+
+    order = []
+
+    def plain_override(default_fn, q, k, v, heads, **kwargs):
+        assert "side_work" not in kwargs
+        order.append("attention")
+        return default_fn(q, k, v, heads, **kwargs)
+
+    q, k, v = _inputs(8, batch=1)
+    out = optimized_attention(q, k, v, 4, skip_reshape=True, skip_output_reshape=True,
+                              transformer_options={OVERRIDE_KEY: plain_override},
+                              side_work=(lambda: order.append("a"), lambda: order.append("b")))
+    assert order == ["a", "b", "attention"]
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    order.clear()
+    optimized_attention(q, k, v, 4, skip_reshape=True, side_work=(lambda: order.append("a"),))
+    assert order == ["a"]

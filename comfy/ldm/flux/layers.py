@@ -10,7 +10,7 @@ from torch import nn
 
 from comfy.ldm.modules.attention import optimized_attention
 from comfy.ldm.modules.fused import layernorm_modulate, norm_rope
-from comfy.ops import linear_gelu, linear_rows, linear_split_input
+from comfy.ops import linear_cols, linear_gelu, linear_rows
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
@@ -195,16 +195,26 @@ class SingleStreamBlock(nn.Module):
         hidden, mlp_hidden = self.hidden_dim, self.mlp_hidden_dim
         h = _norm_modulate(self.pre_norm, x, shift, scale)
         # linear1 as two GEMMs over row slices of its weight: q/k/v, and the MLP input with its GELU fused
-        # into the GEMM; linear2 as two GEMMs over column slices, accumulated: no split, GELU or concat pass
+        # into the GEMM; linear2 as two GEMMs over column slices, accumulated: no split, GELU or concat pass.
+        # The MLP branch does not depend on the attention, so it goes to the attention as side work: under
+        # sequence parallel it runs while the all-to-alls are in flight.
         qkv = linear_rows(self.linear1, h, 0, 3 * hidden).view(b, length, 3, self.num_heads, -1)
-        mlp = linear_rows(self.linear1, h, 3 * hidden, 3 * hidden + mlp_hidden, gelu=True)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         norm_rope(q, self.norm.query_norm.scale, 1e-6, pe, out=q)  # in place: q/k/v stay packed
         norm_rope(k, self.norm.key_norm.scale, 1e-6, pe, out=k)
+        branch: dict = {}
+
+        def mlp_in():
+            branch["mlp"] = linear_rows(self.linear1, h, 3 * hidden, 3 * hidden + mlp_hidden, gelu=True)
+
+        def mlp_out():
+            branch["out"] = linear_cols(self.linear2, branch.pop("mlp"), hidden, hidden + mlp_hidden)
+
         attn = optimized_attention(q, k, v, self.num_heads, mask=attn_mask, skip_reshape=True,
-                                   skip_output_reshape=True, transformer_options=transformer_options)
+                                   skip_output_reshape=True, transformer_options=transformer_options,
+                                   side_work=(mlp_in, mlp_out))
         attn = attn.transpose(1, 2).reshape(b, length, hidden)  # a view when attention returned [B, L, H, D]
-        out = linear_split_input(self.linear2, [attn, mlp])
+        out = linear_cols(self.linear2, attn, 0, hidden, accumulate_into=branch["out"])
         x = torch.addcmul(x, gate, out)
         if x.dtype == torch.float16:
             x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)

@@ -6,6 +6,12 @@ stored as ``transformer_options["optimized_attention_override"]`` is called inst
 ``override(default_fn, q, k, v, heads, mask=..., skip_reshape=..., skip_output_reshape=...,
 transformer_options=...)``; it may run the default itself (e.g. between Ulysses all-to-alls).
 
+Side work: a caller with work that does not depend on the attention (Flux's single blocks: the MLP branch)
+may pass it as ``side_work=(before, after)`` callables. Without an override they simply run first. An
+override that sets ``override.accepts_side_work = True`` receives them and may run `before` while its
+input exchange is in flight and `after` while its output exchange is (sequence parallel); otherwise they
+run before the override is called. Either way each runs exactly once, before the call returns.
+
 Layouts: by default q/k/v are ``[B, L, H*D]`` and the result is ``[B, L, H*D]``. With
 ``skip_reshape=True`` inputs are already ``[B, H, L, D]`` (what the DiTs produce after qk-norm and RoPE);
 with ``skip_output_reshape=True`` the result stays ``[B, H, L, D]``.
@@ -120,15 +126,27 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return out.transpose(1, 2).reshape(b, length, h * d)
 
 
+def run_side_work(side_work) -> None:
+    for step in side_work or ():
+        step()
+
+
 def optimized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                         mask: torch.Tensor | None = None, attn_precision=None, skip_reshape: bool = False,
                         skip_output_reshape: bool = False,
-                        transformer_options: dict | None = None) -> torch.Tensor:
-    """Attention for every DiT; honours ``transformer_options[OVERRIDE_KEY]`` (see module docstring)."""
+                        transformer_options: dict | None = None, side_work=None) -> torch.Tensor:
+    """Attention for every DiT; honours ``transformer_options[OVERRIDE_KEY]`` and runs `side_work` (see the
+    module docstring)."""
     override: Callable | None = transformer_options.get(OVERRIDE_KEY) if transformer_options else None
     if override is not None:
+        extra = {}
+        if side_work and getattr(override, "accepts_side_work", False):
+            extra["side_work"] = side_work
+        else:
+            run_side_work(side_work)
         return override(attention_sdpa, q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
-                        skip_output_reshape=skip_output_reshape, transformer_options=transformer_options)
+                        skip_output_reshape=skip_output_reshape, transformer_options=transformer_options, **extra)
+    run_side_work(side_work)
     return attention_sdpa(q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
                           skip_output_reshape=skip_output_reshape)
 

@@ -17,11 +17,12 @@ from the keys (never masked by value) and their outputs dropped at the gather.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
-from comfy.ldm.modules.attention import CROSS_ATTENTION_KEY, OVERRIDE_KEY
+from comfy.ldm.modules.attention import CROSS_ATTENTION_KEY, OVERRIDE_KEY, run_side_work
 from comfy.taco_dit.parallel.mesh import GroupHandle, ParallelMesh
 from comfy.taco_dit.parallel.sp_attention import usp_attention
 
@@ -69,9 +70,10 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
     """
 
     def override(default_fn, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
-                 transformer_options=None, **kwargs):
+                 transformer_options=None, side_work=None, **kwargs):
         if transformer_options and transformer_options.get(CROSS_ATTENTION_KEY):
             # keys are the text, whole on every rank: local attention is already exact
+            run_side_work(side_work)
             return default_fn(q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
                               skip_output_reshape=skip_output_reshape)
         if mask is not None:
@@ -81,12 +83,15 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
             b, _, inner = q.shape
             q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
         keep = kv_keep.get(q.shape[2]) if isinstance(kv_keep, dict) else kv_keep
-        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_global=keep)
+        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_global=keep, side_work=side_work)
         if skip_output_reshape:
             return out
         b, h, length, d = out.shape
         return out.transpose(1, 2).reshape(b, length, h * d)
 
+    # independent work (Flux single blocks' MLP) runs while the exchanges are in flight; TACO_SP_OVERLAP=0
+    # runs it first instead (for measuring the overlap)
+    override.accepts_side_work = os.environ.get("TACO_SP_OVERLAP", "1") != "0"
     return override
 
 

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from comfy.ldm.modules.attention import sdpa
+from comfy.ldm.modules.attention import run_side_work, sdpa
 from comfy.taco_dit.parallel.mesh import GroupHandle
 
 
@@ -94,7 +94,7 @@ def ulysses_chunks(heads_per_rank: int) -> int:
 
 
 def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle,
-                       ring: GroupHandle, keep) -> torch.Tensor:
+                       ring: GroupHandle, keep, side_work=None) -> torch.Tensor:
     """Ulysses with q, k and v in one all-to-all per head group, pipelined over `ulysses_chunks` groups: the
     all-to-all of group c+1 and the return of group c run on the communication stream while group c's (or
     c+1's) attention computes, so only the first exchange and the last return are exposed.
@@ -103,7 +103,10 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
     token-major with q/k/v packed per token, and blocks arrive in sequence order, so for B == 1 the received
     buffer already is a packed [1, S, 3, h, D] sequence (the layout cuDNN's attention reads directly) and
     its token-major output is sent back as it is. The one reordering copy is the final interleave of the
-    returning head groups into [B, S/P, H, D], returned as a [B, H, S/P, D] view."""
+    returning head groups into [B, S/P, H, D], returned as a [B, H, S/P, D] view.
+
+    `side_work` (before, after): work independent of this attention, run while the first exchange and the
+    last return are in flight, which hides them behind it (Flux's single blocks: the MLP GEMMs)."""
     p = ulysses.size
     b, h, s, d = q.shape
     hp = h // p
@@ -114,6 +117,8 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
         send[:, :, :, :, i].copy_(t.unflatten(1, (p, n, hc)).permute(2, 1, 0, 4, 3, 5))
     recv = torch.empty_like(send)
     arriving = [ulysses.all_to_all_single(recv[c], send[c], async_op=True) for c in range(n)]
+    before, after = (list(side_work)[:1], list(side_work)[1:]) if side_work else ([], [])
+    run_side_work(before)
     back = torch.empty((n, p, b, s, hc, d), dtype=q.dtype, device=q.device)
     returning, keep_alive = [], []
     for c in range(n):
@@ -125,6 +130,7 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
         out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1).contiguous()
         keep_alive.append(out)
         returning.append(ulysses.all_to_all_single(back[c], out, async_op=True))
+    run_side_work(after)
     for work in returning:
         work.wait()
     # back[c, r]: heads r*hp + c*hc ... of this rank's tokens
@@ -144,9 +150,10 @@ def _heads_to_seq(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle, ring: GroupHandle,
-                  kv_keep_global: torch.Tensor | None = None) -> torch.Tensor:
+                  kv_keep_global: torch.Tensor | None = None, side_work=None) -> torch.Tensor:
     """Ulysses inside, Ring outside. `kv_keep_global`: bool [S_total] over the sequence-group order
-    (chunk of sp-rank 0, chunk of sp-rank 1, ...), True for real tokens."""
+    (chunk of sp-rank 0, chunk of sp-rank 1, ...), True for real tokens. `side_work`: (before, after)
+    callables independent of this attention, run while the Ulysses exchanges are in flight (else first)."""
     heads = q.shape[1]
     if heads % ulysses.size != 0:
         raise ValueError(f"Ulysses degree {ulysses.size} does not divide the {heads} attention heads; "
@@ -157,10 +164,11 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Gr
         # chunks of sp ranks [slot*U, (slot+1)*U). Each ring block is one such slot.
         blocks = kv_keep_global.reshape(ring.size, -1)
         keep = [None if bool(b.all()) else b.nonzero().squeeze(1).to(q.device) for b in blocks]
+    if ulysses.size > 1 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
+        return _ulysses_attention(q, k, v, ulysses, ring, keep, side_work)
+    run_side_work(side_work)
     if ulysses.size == 1:
         return ring_attention(q, k, v, ring, keep)
-    if q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
-        return _ulysses_attention(q, k, v, ulysses, ring, keep)
     q, k, v = (_seq_to_heads(t, ulysses) for t in (q, k, v))
     out = _heads_to_seq(ring_attention(q, k, v, ring, keep), ulysses)
     return out
