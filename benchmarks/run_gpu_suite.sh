@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -141,6 +141,20 @@ if [ "$what" = s6 ]; then
     --out "$OUT/step.jsonl" 2>&1 | f6
   TACO_ULYSSES_CHUNKS=1 timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 \
     --graph --configs u4 --out "$OUT/step.jsonl" 2>&1 | f6
+fi
+if [ "$what" = s7 ]; then
+  # the single blocks' MLP overlapped with the Ulysses exchanges (TACO_SP_OVERLAP=1, default) vs not (0):
+  # 1-GPU baseline on GPU 2 while Ulysses 2 runs on GPUs 0-1, then Ulysses 4 with and without the overlap
+  f7() { grep -E '^\{|Error|error:|Fused|disagree' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=2 timeout 80 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f7 ) &
+  ( CUDA_VISIBLE_DEVICES=0,1 timeout 80 torchrun --nproc_per_node=2 --master_port 29617 benchmarks/bench_flux_step.py \
+      --sizes 1024 --graph --configs u2 --out "$OUT/step.jsonl" 2>&1 | f7 ) &
+  wait
+  timeout 70 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph --configs u4 \
+    --out "$OUT/step.jsonl" 2>&1 | f7
+  TACO_SP_OVERLAP=0 timeout 70 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+    --configs u4 --out "$OUT/step_no_overlap.jsonl" 2>&1 | f7
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
