@@ -2,26 +2,17 @@
 Triton's CPU interpreter, against the PyTorch path it replaces; the CPU fallback; the first-use check."""
 
 import os
-import subprocess
 import sys
 
-import pytest
 import torch
 
 from comfy.ldm.flux.math import rope
 from comfy.ldm.modules import fused
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.triton_helpers import run_in_interpreter
 
 
 def _in_interpreter(check: str) -> None:
-    """Run `check` (a function of this module) in a fresh Python with Triton's CPU interpreter on: the
-    interpreter must be chosen before Triton is first imported, which this test process cannot promise."""
-    pytest.importorskip("triton", reason="Triton is installed by requirements-test.txt on Linux x86-64")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert f"ok {check}" in res.stdout
+    run_in_interpreter(__file__, check)
 
 
 def check_norm_and_rope() -> None:

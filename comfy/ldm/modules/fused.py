@@ -168,6 +168,22 @@ def _plan(x: torch.Tensor, weight, freqs, out):
     return _cached_plan(key, make)
 
 
+def _into(res: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`res`, or `out` filled with it when the caller gave one."""
+    if out is None:
+        return res
+    return out.copy_(res)
+
+
+def _run(kernel, grid, args, meta, device: torch.device) -> None:
+    """Launch a Triton kernel on `device` (made current for the launch when it is not)."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
 def _launch(x, weight, eps, freqs, out, fstr=None):
     kernel = _kernel()
     n0, n1, n2, d = x.shape
@@ -179,11 +195,7 @@ def _launch(x, weight, eps, freqs, out, fstr=None):
             *x.stride()[:3], *fstr, *out.stride()[:3], float(eps))
     meta = dict(HALF=d // 2, BLOCK_R=block_r, NORM=weight is not None, ROPE=freqs is not None, num_warps=4)
     grid = ((n_rows + block_r - 1) // block_r,)
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            kernel[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
+    _run(kernel, grid, args, meta, x.device)
     return out
 
 
@@ -200,11 +212,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 
         fused, fstr = _plan(x, weight, freqs, out)  # CPU tensors are never launchable
         fused = fused and _kernel() is not False
     if not fused:
-        res = norm_rope_reference(x, weight, eps, freqs)
-        if out is None:
-            return res
-        out.copy_(res)
-        return out
+        return _into(norm_rope_reference(x, weight, eps, freqs), out)
     target = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return _run_checked(_state, "q/k norm + RoPE", x.device, target,
                         lambda: _launch(x, weight, eps, freqs, target, fstr),
@@ -270,11 +278,7 @@ def _modulate_launch(x, shift, scale, eps, out, strides=None):
     args = (x, shift, scale, out, n_rows, n1, c, *x.stride()[:2], *shs, *scs, *out.stride()[:2], float(eps))
     meta = dict(BLOCK=block, BLOCK_R=block_r, num_warps=max(4, min(16, block * block_r // 512)))
     grid = ((n_rows + block_r - 1) // block_r,)
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            kernel[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
+    _run(kernel, grid, args, meta, x.device)
     return out
 
 
@@ -301,11 +305,7 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
         fused, strides = _modulate_plan(x, shift, scale, out)  # CPU tensors are never launchable
         fused = fused and _load(_modulate_state) is not False
     if not fused:
-        res = layernorm_modulate_reference(x, shift, scale, eps)
-        if out is None:
-            return res
-        out.copy_(res)
-        return out
+        return _into(layernorm_modulate_reference(x, shift, scale, eps), out)
     target = out if out is not None else torch.empty(x.shape, dtype=_modulate_dtype(x, shift, scale),
                                                      device=x.device)
     return _run_checked(_modulate_state, "LayerNorm + modulation", x.device, target,
