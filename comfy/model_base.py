@@ -155,15 +155,72 @@ class BaseModel(torch.nn.Module):
         return int(input_shape[0] * area * self.memory_usage_factor * 1024 * 16)
 
 
+def pack_mask_8x8(mask: torch.Tensor) -> torch.Tensor:
+    """Pixel mask [B, 1, 8h, 8w] -> [B, 64, h, w]: each 8x8 pixel block becomes 64 channels at its latent
+    pixel, row-major within the block (channel = 8 * row + column), the layout Flux Fill was trained on."""
+    b, _, hh, ww = mask.shape
+    h, w = hh // 8, ww // 8
+    return mask.reshape(b, h, 8, w, 8).permute(0, 2, 4, 1, 3).reshape(b, 64, h, w)
+
+
 class Flux(BaseModel):
+    """Flux.1 dev / schnell / Kontext, and the checkpoints whose img_in takes more than the noisy latent:
+    Canny / Depth (noise + 16 channels of the control image's latent, 128 features per patch) and Fill
+    (noise + 16 channels of the masked image's latent + the mask packed 8x8 into 64 channels, 384 per
+    patch). The extra channels reach the network as ``c_concat``, concatenated after the noise before
+    patchifying (`BaseModel.apply_model`), so they are already part of the tokens ``embed`` receives."""
+
     def __init__(self, model_config, model_type: ModelType = ModelType.FLUX, device=None):
         from comfy.ldm.flux.model import Flux as FluxNet
 
         super().__init__(model_config, model_type, device=device, unet_model=FluxNet)
 
+    def input_channels(self) -> int:
+        """Latent channels img_in takes per pixel, read from the weight itself: a control LoRA may widen it."""
+        dm = self.diffusion_model
+        return dm.img_in.weight.shape[1] // (dm.patch_size * dm.patch_size)
+
+    def concat_cond(self, **kwargs) -> torch.Tensor | None:
+        noise = kwargs.get("noise")
+        if noise is None:
+            return None
+        latent_ch = noise.shape[1]
+        extra = self.input_channels() - latent_ch
+        if extra <= 0:
+            return None
+        device = kwargs.get("device") or noise.device
+        b, h, w = noise.shape[0], noise.shape[-2], noise.shape[-1]
+        image = kwargs.get("concat_latent_image")
+        if image is None:
+            # no image given: zeros in VAE space, shifted and scaled like a real one (ComfyUI does the same)
+            image = torch.zeros_like(noise, device=device)
+        image = _fit_latent_hw(image.to(device=device, dtype=noise.dtype), h, w)
+        image = self.process_latent_in(_to_batch(image, b))
+        if extra == latent_ch:
+            return image  # Canny / Depth: the control image's latent
+        if extra != latent_ch + 64:
+            raise ValueError(f"This Flux checkpoint's img_in takes {self.input_channels()} latent channels; "
+                             f"known layouts are {latent_ch} (dev/schnell), {2 * latent_ch} (Canny/Depth) and "
+                             f"{2 * latent_ch + 64} (Fill: + image latent + 8x8-packed mask)")
+        # Fill: 1 where to paint. InpaintModelConditioning's pixel mask, else the sampler's noise mask,
+        # else everything
+        mask = kwargs.get("concat_mask", kwargs.get("denoise_mask"))
+        if mask is None:
+            mask = torch.ones((b, 1, h, w), dtype=noise.dtype, device=device)
+        mask = mask.to(device=device, dtype=noise.dtype)
+        if mask.ndim == 2:
+            mask = mask[None, None]
+        elif mask.ndim == 3:
+            mask = mask[:, None]
+        mask = _fit_latent_hw(mask.mean(dim=1, keepdim=True), h * 8, w * 8)
+        return torch.cat((image, _to_batch(pack_mask_8x8(mask), b)), dim=1)
+
     def extra_conds(self, **kwargs) -> dict:
         out = super().extra_conds(**kwargs)
         device = kwargs.get("device")
+        concat = self.concat_cond(**kwargs)
+        if concat is not None:
+            out["c_concat"] = concat
         pooled = kwargs.get("pooled_output")
         if pooled is not None:
             out["y"] = pooled.to(device) if device is not None else pooled

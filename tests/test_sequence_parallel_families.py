@@ -61,12 +61,12 @@ class TestFlux(SequenceParallelCases):
     CASE = dict(h=8, w=6, txt_len=5)  # 12 image tokens, 5 text tokens
 
     def build(self, h, w, txt_len, with_ref=False, hidden_size=64, num_heads=4, depth=2, std=0.2,
-              with_control=False):
+              with_control=False, extra_channels=0):
         from comfy.ldm.flux.model import Flux
 
         torch.manual_seed(0)
-        model = Flux(in_channels=4, out_channels=4, vec_in_dim=16, context_in_dim=32, hidden_size=hidden_size,
-                     mlp_ratio=2.0, num_heads=num_heads, depth=depth, depth_single_blocks=depth,
+        model = Flux(in_channels=4 + extra_channels, out_channels=4, vec_in_dim=16, context_in_dim=32,
+                     hidden_size=hidden_size, mlp_ratio=2.0, num_heads=num_heads, depth=depth, depth_single_blocks=depth,
                      axes_dim=[4, 6, 6], guidance_embed=True).eval()
         for p in model.parameters():
             torch.nn.init.normal_(p, std=std)
@@ -77,8 +77,8 @@ class TestFlux(SequenceParallelCases):
             n = (h // 2) * (w // 2)
             control = {"input": [torch.randn(1, n, hidden_size, generator=g) for _ in range(depth)],
                        "output": [None] + [torch.randn(1, n, hidden_size, generator=g) for _ in range(depth - 1)]}
-        return model, dict(x=torch.randn(1, 4, h, w, generator=g), ctx=torch.randn(1, txt_len, 32, generator=g),
-                           y=torch.randn(1, 16, generator=g), refs=refs, control=control)
+        return model, dict(x=torch.randn(1, 4 + extra_channels, h, w, generator=g),
+                           ctx=torch.randn(1, txt_len, 32, generator=g), y=torch.randn(1, 16, generator=g), refs=refs, control=control)
 
     def run(self, model, i):
         return model(i["x"], torch.tensor([0.7]), i["ctx"], y=i["y"], guidance=torch.tensor([3.5]),
@@ -93,6 +93,11 @@ class TestFlux(SequenceParallelCases):
 
     def test_divisible_lengths_need_no_padding(self):
         self.check(4, 4, 1, dict(h=8, w=8, txt_len=8))
+
+    def test_fill_extra_input_channels(self):
+        # Fill / Canny / Depth checkpoints: the image (and packed mask) channels are concatenated to the
+        # noise before patchifying, so `embed` consumes them before the split
+        self.check(2, 2, 1, dict(h=6, w=6, txt_len=5, extra_channels=4 + 64))
 
 
 class TestSD3(SequenceParallelCases):

@@ -214,6 +214,10 @@ class Flux(nn.Module):
             h_off = w_off = 0
             for ref in ref_latents:
                 ref = ref.to(device=x.device, dtype=x.dtype)
+                if ref.shape[1] != c:
+                    raise ValueError(f"Reference latents have {ref.shape[1]} channels, this model's input has {c} "
+                                     "(a Fill / Canny / Depth checkpoint takes extra channels); use ReferenceLatent "
+                                     "with a Flux dev or Kontext model")
                 if ref.shape[-1] + w_off > ref.shape[-2] + h_off:
                     h_shift, w_shift = h_off, 0
                 else:
