@@ -568,6 +568,11 @@ class KSamplerX0Inpaint:
     def __call__(self, x, sigma, denoise_mask=None, model_options=None, seed=None):
         ms = self.inner_model.model_sampling
         if denoise_mask is not None:
+            mask_fn = (model_options or {}).get("denoise_mask_function")
+            if mask_fn is not None:
+                # per-step mask (DifferentialDiffusion); ComfyUI's signature, so custom nodes' functions work
+                denoise_mask = mask_fn(sigma, denoise_mask, extra_options={"model": self.inner_model,
+                                                                          "sigmas": self.sigmas})
             latent_mask = 1.0 - denoise_mask
             sig = sigma.reshape([sigma.shape[0]] + [1] * (len(self.noise.shape) - 1))
             x = x * denoise_mask + ms.noise_scaling(sig, self.noise, self.latent_image) * latent_mask
