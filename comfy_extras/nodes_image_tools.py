@@ -30,35 +30,9 @@ CROP_METHODS = ["disabled", "center"]
 # --- resizing ------------------------------------------------------------------------------------------
 
 
-def _lanczos(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """PIL Lanczos per image, as ComfyUI does: each image goes through 8-bit (values clipped to 0..1)."""
-    out = []
-    for img in x:  # [C,H,W]
-        arr = np.clip(img.movedim(0, -1).detach().cpu().float().numpy() * 255.0, 0, 255).astype(np.uint8)
-        single = arr.shape[-1] == 1
-        pil = Image.fromarray(arr[..., 0] if single else arr)
-        res = np.asarray(pil.resize((width, height), resample=Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
-        t = torch.from_numpy(res.copy())
-        out.append(t.unsqueeze(0) if single else t.movedim(-1, 0))
-    return torch.stack(out).to(device=x.device, dtype=x.dtype)
-
-
-def upscale(x: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
-    """Resize [B,C,H,W] to (height, width) with ComfyUI's `common_upscale` semantics: crop="center" first
-    trims to the target aspect, "lanczos" goes through PIL, the other methods are plain
-    F.interpolate without antialiasing (comfy.utils.common_upscale here maps lanczos to bicubic and adds
-    antialias, which gives different pixels from ComfyUI, hence this helper)."""
-    if crop == "center":
-        x = comfy.utils.center_crop_to_aspect(x, width, height)
-    if method == "lanczos":
-        return _lanczos(x, width, height)
-    if method not in ("nearest-exact", "bilinear", "area", "bicubic"):
-        raise ValueError(f"unknown upscale_method {method!r}")
-    return F.interpolate(x, size=(height, width), mode=method)
-
-
 def _upscale_image(image: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
-    return upscale(image.movedim(-1, 1), width, height, method, crop).movedim(1, -1)
+    """IMAGE [B,H,W,C] through comfy.utils.common_upscale, the one resizer (ComfyUI's methods and pixels)."""
+    return comfy.utils.common_upscale(image.movedim(-1, 1), width, height, method, crop).movedim(1, -1)
 
 
 class ImageScale:

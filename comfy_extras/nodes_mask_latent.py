@@ -44,21 +44,11 @@ def _to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.repeat((reps,) + (1,) * (t.ndim - 1))[:batch]
 
 
-def _resize_spatial(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
-    """comfy.utils.common_upscale over the last two dims, for 4-D and 5-D (video) latents alike."""
-    if samples.ndim == 4:
-        return comfy.utils.common_upscale(samples, width, height, method, crop)
-    lead = samples.shape[:-2]
-    flat = samples.reshape((-1, 1) + tuple(samples.shape[-2:]))
-    out = comfy.utils.common_upscale(flat, width, height, method, crop)
-    return out.reshape(tuple(lead) + tuple(out.shape[-2:]))
-
-
 def _match_latent(target_shape, latent: torch.Tensor, repeat_batch: bool = True) -> torch.Tensor:
     """Give `latent` the target's spatial size (bilinear, centre crop) when its non-batch shape differs,
     then (optionally) the target's batch size."""
     if tuple(latent.shape[1:]) != tuple(target_shape[1:]):
-        latent = _resize_spatial(latent, target_shape[-1], target_shape[-2], "bilinear", "center")
+        latent = comfy.utils.common_upscale(latent, target_shape[-1], target_shape[-2], "bilinear", "center")
     return _to_batch(latent, target_shape[0]) if repeat_batch else latent
 
 
@@ -363,7 +353,7 @@ class LatentUpscale:
         else:
             width, height = max(64, width), max(64, height)
         out = samples.copy()
-        out["samples"] = _resize_spatial(x, width // 8, height // 8, upscale_method, crop)
+        out["samples"] = comfy.utils.common_upscale(x, width // 8, height // 8, upscale_method, crop)
         return (out,)
 
 
@@ -385,7 +375,7 @@ class LatentUpscaleBy:
         width = round(x.shape[-1] * scale_by)
         height = round(x.shape[-2] * scale_by)
         out = samples.copy()
-        out["samples"] = _resize_spatial(x, width, height, upscale_method, "disabled")
+        out["samples"] = comfy.utils.common_upscale(x, width, height, upscale_method, "disabled")
         return (out,)
 
 
@@ -536,7 +526,7 @@ class LatentBlend:
         s1 = samples1["samples"]
         s2 = samples2["samples"]
         if s1.shape != s2.shape:
-            s2 = _resize_spatial(s2, s1.shape[-1], s1.shape[-2], "bicubic", "center")
+            s2 = comfy.utils.common_upscale(s2, s1.shape[-1], s1.shape[-2], "bicubic", "center")
         out["samples"] = s1 * blend_factor + s2 * (1 - blend_factor)
         return (out,)
 
