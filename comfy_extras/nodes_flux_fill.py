@@ -33,23 +33,27 @@ def masked_pixels(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (pixels[..., :3] - 0.5) * keep + 0.5
 
 
-class InpaintModelConditioning:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "vae": ("VAE",),
-            "pixels": ("IMAGE",),
-            "mask": ("MASK",),
-            "noise_mask": ("BOOLEAN", {"default": True, "tooltip": (
-                "Also put the mask on the latent, so the sampler only changes the masked area. Helps some "
-                "models and hurts others.")}),
-        }}
+def _pair_inputs(**extra) -> dict:
+    """The inputs of a node that adds an image to both conditionings: positive, negative, vae, pixels, ..."""
+    return {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "vae": ("VAE",),
+                         "pixels": ("IMAGE",), **extra}}
 
+
+class _ConditioningPairNode:
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
     RETURN_NAMES = ("positive", "negative", "latent")
     FUNCTION = "encode"
+
+
+class InpaintModelConditioning(_ConditioningPairNode):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _pair_inputs(
+            mask=("MASK",),
+            noise_mask=("BOOLEAN", {"default": True, "tooltip": (
+                "Also put the mask on the latent, so the sampler only changes the masked area. Helps some "
+                "models and hurts others.")}))
+
     CATEGORY = "conditioning/inpaint"
 
     def encode(self, positive, negative, pixels, vae, mask, noise_mask=True):
@@ -68,19 +72,11 @@ class InpaintModelConditioning:
         return (conditioning_set_values(positive, values), conditioning_set_values(negative, values), latent)
 
 
-class InstructPixToPixConditioning:
+class InstructPixToPixConditioning(_ConditioningPairNode):
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "vae": ("VAE",),
-            "pixels": ("IMAGE",),
-        }}
+        return _pair_inputs()
 
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
-    RETURN_NAMES = ("positive", "negative", "latent")
-    FUNCTION = "encode"
     CATEGORY = "conditioning/instructpix2pix"
 
     def encode(self, positive, negative, pixels, vae):
