@@ -1,8 +1,15 @@
-"""All-to-all bandwidth on this machine's GPUs at the message sizes Ulysses sends (NCCL, torch.distributed),
-to compare NCCL settings. Each NCCL setting needs its own process group, so run once per setting:
+"""All-to-all bandwidth on this machine's GPUs at the message sizes Ulysses sends, to compare transports.
+
+`--transport nccl` (default): torch.distributed's all_to_all_single on NCCL. Each NCCL setting needs its own
+process group, so run once per setting:
 
     torchrun --nproc_per_node=4 benchmarks/probe_alltoall.py --tag default
     NCCL_PROTO=Simple torchrun --nproc_per_node=4 benchmarks/probe_alltoall.py --tag proto_simple
+
+`--transport symm`: every rank writes its blocks straight into the peers' receive buffers over NVLink
+(torch's symmetric memory: buffers mapped into every rank's address space, one multi-tensor copy kernel,
+then a device-side barrier), double-buffered so one barrier per exchange suffices. Its result is checked
+against NCCL's before it is timed. This is a probe for a faster Ulysses transport; nothing uses it yet.
 """
 
 from __future__ import annotations
@@ -20,9 +27,41 @@ SIZES = {"flux1024_u4_qkv": 1152 * 9216 * 2, "flux1024_u2_qkv": 2304 * 9216 * 2,
          "flux2048_u4_qkv": 4224 * 9216 * 2, "wan14b_u4_qkv": 8190 * 15360 * 2}
 
 
+def symm_all_to_all(n: int, dtype, dev):
+    """An all-to-all over symmetric memory for messages of `n` elements per rank (see the module docstring):
+    returns fn(send) -> the received [n] tensor (valid until the exchange after next)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    group = dist.group.WORLD
+    world, rank = dist.get_world_size(), dist.get_rank()
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:
+        try:
+            enable(group.group_name)
+        except Exception:  # noqa: BLE001 - newer torch: not needed
+            pass
+    buf = symm_mem.empty(2 * n, dtype=dtype, device=dev)
+    handle = symm_mem.rendezvous(buf, group.group_name)
+    peers = [handle.get_buffer(p, (2, n), dtype) for p in range(world)]
+    chunk = n // world
+    phase = [0]
+
+    def exchange(send: torch.Tensor) -> torch.Tensor:
+        ph = phase[0]
+        phase[0] ^= 1
+        dst = [peers[p][ph, rank * chunk:(rank + 1) * chunk] for p in range(world)]
+        src = [send[p * chunk:(p + 1) * chunk] for p in range(world)]
+        torch._foreach_copy_(dst, src)
+        handle.barrier(channel=ph)
+        return peers[rank][ph]
+
+    return exchange
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tag", default="default")
+    p.add_argument("--transport", choices=["nccl", "symm"], default="nccl")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "alltoall.jsonl"))
     args = p.parse_args()
@@ -36,13 +75,27 @@ def main() -> None:
         n = nbytes // 2 // world * world
         send = torch.randn(n, device=dev, dtype=torch.bfloat16)
         recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        if args.transport == "symm":
+            try:
+                exchange = symm_all_to_all(n, torch.bfloat16, dev)
+                same = torch.equal(exchange(send), recv)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                if rank == 0:
+                    print(json.dumps({"probe": "all_to_all", "transport": "symm", "message": name,
+                                      "error": f"{type(e).__name__}: {e}"[:400]}), flush=True)
+                continue
+            fn = lambda: exchange(send)  # noqa: E731
+        else:
+            same = True
+            fn = lambda: dist.all_to_all_single(recv, send)  # noqa: E731
         times = []
         for i in range(5 + args.iters):
             dist.barrier()
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            dist.all_to_all_single(recv, send)
+            fn()
             end.record()
             torch.cuda.synchronize()
             if i >= 5:
@@ -50,7 +103,8 @@ def main() -> None:
         ms = statistics.median(times)
         moved = n * 2 * (world - 1) / world  # bytes each rank sends to the others
         if rank == 0:
-            rec = {"probe": "all_to_all", "tag": args.tag, "nccl_env": env, "gpus": world, "message": name,
+            rec = {"probe": "all_to_all", "transport": args.transport, "equals_nccl": same, "tag": args.tag,
+                   "nccl_env": env, "gpus": world, "message": name,
                    "mbytes_per_rank": round(n * 2 / 1e6, 1), "ms": round(ms, 3),
                    "send_gbps_per_rank": round(moved / ms / 1e6, 1), "card": torch.cuda.get_device_name(0),
                    "nccl": ".".join(map(str, torch.cuda.nccl.version()))}

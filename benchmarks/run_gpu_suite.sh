@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -155,6 +155,23 @@ if [ "$what" = s7 ]; then
     --out "$OUT/step.jsonl" 2>&1 | f7
   TACO_SP_OVERLAP=0 timeout 70 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
     --configs u4 --out "$OUT/step_no_overlap.jsonl" 2>&1 | f7
+fi
+if [ "$what" = next ]; then
+  # for the next session: symmetric-memory all-to-all vs NCCL (correctness + bandwidth), then the fork path
+  # on 1, 4 and 2 GPUs with the current code
+  fn() { grep -E '^\{|Error|error:|Fused|disagree' | grep -v Warning; }
+  timeout 40 torchrun --nproc_per_node=4 benchmarks/probe_alltoall.py --tag nccl4 --out "$OUT/alltoall.jsonl" 2>&1 | fn
+  timeout 40 torchrun --nproc_per_node=4 benchmarks/probe_alltoall.py --transport symm --tag symm4 \
+    --out "$OUT/alltoall.jsonl" 2>&1 | fn
+  CUDA_VISIBLE_DEVICES=0,1 timeout 40 torchrun --nproc_per_node=2 benchmarks/probe_alltoall.py --transport symm \
+    --tag symm2 --out "$OUT/alltoall.jsonl" 2>&1 | fn
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
+    --out "$OUT/e2e.jsonl" 2>&1 | fn
+  ref=/tmp/taco-bench/1gpu-rank0/output/bench_00002_.png
+  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | fn
+  timeout 100 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
+    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | fn
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
