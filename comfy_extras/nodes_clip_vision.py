@@ -1,5 +1,5 @@
-"""CLIP vision nodes: CLIPVisionLoader (models/clip_vision) and CLIPVisionEncode (image -> CLIP_VISION_OUTPUT),
-used by Wan image-to-video and other image-conditioned workflows."""
+"""CLIP vision nodes: CLIPVisionLoader (models/clip_vision: CLIP and SigLIP towers) and CLIPVisionEncode
+(image -> CLIP_VISION_OUTPUT), used by Wan image-to-video, Flux Redux and other image-conditioned workflows."""
 
 from __future__ import annotations
 
