@@ -15,6 +15,7 @@ import torch
 
 import comfy.model_sampling
 import comfy.ops
+import comfy.utils
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,16 @@ class Flux(BaseModel):
         refs = kwargs.get("reference_latents")
         if refs:
             out["ref_latents"] = [self.process_latent_in(r) for r in refs]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            # an additive [batch, txt + img, txt + img] bias (StyleModelApply's attn_bias) made for an image
+            # grid of attention_mask_img_shape tokens: resized to this latent's token grid
+            noise, ps = kwargs["noise"], self.diffusion_model.patch_size
+            grid = (-(-noise.shape[-2] // ps), -(-noise.shape[-1] // ps))
+            ref_shape = kwargs.get("attention_mask_img_shape")
+            if ref_shape is not None:
+                mask = comfy.utils.upscale_dit_mask(mask, ref_shape, grid)
+            out["attention_mask"] = mask.to(device) if device is not None else mask
         return out
 
 

@@ -216,4 +216,48 @@ def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_metho
     return F.interpolate(samples, size=(height, width), mode=upscale_method)
 
 
+def upscale_dit_mask(mask: torch.Tensor, img_size_in: tuple[int, int], img_size_out: tuple[int, int]) -> torch.Tensor:
+    """Additive attention mask over [text tokens, image tokens] (queries x keys) whose image part is an
+    hi x wi token grid -> the same mask for an ho x wo grid (ComfyUI's DiT mask resize).
+
+    The text x text block is kept; every image axis, as query and as key, is resized bilinearly as a 2-D
+    grid. A 1 x 1 grid (what StyleModelApply writes when no image shape is known) spreads its single value
+    over the whole image. Finite values resample exactly as in ComfyUI; -inf entries stay -inf wherever they
+    carry weight (ComfyUI's plain interpolation turns them into NaN)."""
+    (hi, wi), (ho, wo) = tuple(img_size_in), tuple(img_size_out)
+    if (hi, wi) == (ho, wo):
+        return mask
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim != 3:
+        raise ValueError(f"an attention mask is [batch, queries, keys] or [queries, keys]; got shape "
+                         f"{tuple(mask.shape)}")
+    b, n = mask.shape[0], mask.shape[1]
+    n_txt = n - hi * wi
+    if n_txt < 0 or mask.shape[2] != n:
+        raise ValueError(f"attention mask of shape {tuple(mask.shape)} cannot hold a {hi}x{wi} image grid")
+    if mask.dtype == torch.bool:  # keep / drop -> additive bias (0 / -inf)
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    work = mask.float()  # bilinear resampling of half tensors is not implemented on every CPU build
+
+    def keys(m):  # [b, q, hi*wi] -> [b, q, ho*wo]
+        grid = m.reshape(b, m.shape[1], hi, wi)
+        # -inf (a key never attended to, e.g. strength 0) would meet zero interpolation weights and give NaN
+        # (0 * -inf); resample it separately: any positive weight on a -inf sample keeps the result -inf
+        masked = torch.isneginf(grid)
+        out = F.interpolate(grid.masked_fill(masked, 0.0), size=(ho, wo), mode="bilinear")
+        if masked.any():
+            hit = F.interpolate(masked.float(), size=(ho, wo), mode="bilinear") > 0
+            out = out.masked_fill(hit, float("-inf"))
+        return out.flatten(2)
+
+    def queries(m):  # [b, hi*wi, k] -> [b, ho*wo, k]
+        return keys(m.transpose(1, 2)).transpose(1, 2)
+
+    txt, img = slice(0, n_txt), slice(n_txt, n)
+    top = torch.cat((work[:, txt, txt], keys(work[:, txt, img])), dim=2)
+    bottom = torch.cat((queries(work[:, img, txt]), queries(keys(work[:, img, img]))), dim=2)
+    return torch.cat((top, bottom), dim=1).to(mask.dtype)
+
+
 logger = logging.getLogger(__name__)

@@ -227,6 +227,10 @@ class Flux(nn.Module):
                 img_ids = torch.cat((img_ids, kontext_ids), dim=1)
                 h_off = max(h_off, ref.shape[-2] + h_shift)
                 w_off = max(w_off, ref.shape[-1] + w_shift)
+        if attention_mask is not None and attention_mask.shape[-1] != context.shape[1] + img.shape[1]:
+            raise ValueError(f"The attention mask covers {attention_mask.shape[-1]} tokens; this step has "
+                             f"{context.shape[1]} text + {img.shape[1]} image tokens (reference latents included). "
+                             "An attn_bias mask (StyleModelApply) cannot be combined with reference latents")
         txt_ids = torch.zeros((bs, context.shape[1], 3), device=x.device, dtype=torch.float32)
         out = self.forward_orig(img, img_ids, context, txt_ids, timestep, y, guidance, control,
                                 transformer_options, attn_mask=attention_mask)
