@@ -8,8 +8,9 @@
   and VAE (``vae.*`` / ``first_stage_model.*``) -> (MODEL, CLIP, VAE, None).
 - `load_clip(paths, clip_type=...)` (CLIPLoader, DualCLIPLoader, TripleCLIPLoader) -> CLIP.
 
-`CLIP` (comfy.text_encoders) and `VAE` (comfy.vae) are re-exported here because nodes and custom packs
-import them as ``comfy.sd.CLIP`` / ``comfy.sd.VAE``. Every error names the file and what was expected.
+`CLIP` (comfy.text_encoders), `VAE` (comfy.vae) and `StyleModel` (comfy.style_model) are re-exported here
+because nodes and custom packs import them as ``comfy.sd.CLIP`` / ``comfy.sd.VAE``; `load_style_model`
+(StyleModelLoader) likewise. Every error names the file and what was expected.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def __getattr__(name: str):
     if name == "VAE":
         from comfy.vae import VAE
         return VAE
+    if name == "StyleModel":
+        from comfy.style_model import StyleModel
+        return StyleModel
     raise AttributeError(f"module 'comfy.sd' has no attribute '{name}'")
 
 
@@ -164,6 +168,13 @@ def load_lora_for_models(model, clip, lora, strength_model, strength_clip, name:
     import comfy.lora
 
     return comfy.lora.load_lora_for_models(model, clip, lora, strength_model, strength_clip, name=name)
+
+
+def load_style_model(ckpt_path: str):
+    """ComfyUI's entry point for StyleModelLoader (Flux Redux); lives in comfy.style_model."""
+    import comfy.style_model
+
+    return comfy.style_model.load_style_model(ckpt_path)
 
 
 # ---------------------------------------------------------------------------------------------------
