@@ -19,16 +19,18 @@ TEMPLATES = ["flux_dev_full_text_to_image", "flux_dev_checkpoint_example", "flux
              "text_to_video_wan", "image_to_video_wan"]
 
 # Every other official local (non-"api_") template of the supported families (Flux.1 dev/schnell/krea/kontext/
-# fill/canny, SD3/SD3.5, PixArt, HunyuanDiT, Wan 2.1 and Wan 2.2 14B) whose node types, subgraph definitions
+# fill/canny/redux, SD3/SD3.5, PixArt, HunyuanDiT, Wan 2.1 and Wan 2.2 14B) whose node types, subgraph definitions
 # included, are all registered here: found by scanning the installed templates package (templates-core
 # 0.3.388) and all of them pass the widget checks below. None of the family's fully registered templates
 # failed those checks.
 # Flux Fill (inpaint, outpaint, OneReward) and Canny joined once InpaintModelConditioning,
 # InstructPixToPixConditioning and DifferentialDiffusion existed (comfy_extras/nodes_flux_fill.py) and Flux
 # took the extra input channels (comfy/model_base.py Flux.concat_cond).
+# Flux Redux (flux_redux_model_example) joined once CLIPVisionLoader took SigLIP files and StyleModelLoader /
+# StyleModelApply existed (comfy/clip_vision.py, comfy/style_model.py, comfy_extras/nodes_redux.py).
 # Left out because they use node types we do not register, mostly for model variants we do not support:
 #   Flux Depth via a Lotus depth map (flux_depth_lora_example: LotusConditioning and the SD-2 based Lotus
-#   UNet), Flux Redux/USO (flux_redux_model_example, flux1_dev_uso_reference_image_gen), SD3.5 depth via
+#   UNet), Flux USO (flux1_dev_uso_reference_image_gen), SD3.5 depth via
 #   Lotus (sd3.5_large_depth), Wan Fun control/inpaint/camera, VACE, ATI, Move, S2V, HuMo, InfiniteTalk,
 #   Animate, SCAIL (wan2.1_fun_*, video_wan*_fun_*, video_wan_vace_*, video_wan_ati, video_wanmove_480p,
 #   video_wan2_2_14B_s2v, video_humo, video_wan2_1_infinitetalk, video_wan_animate2*, video_wan21_scail2_*),
@@ -39,7 +41,8 @@ TEMPLATES = ["flux_dev_full_text_to_image", "flux_dev_checkpoint_example", "flux
 LOCAL_FAMILY_TEMPLATES = ["flux1_krea_dev", "sd3.5_large_blur", "sd3.5_large_canny_controlnet_example",
                           "wan2.1_flf2v_720_f16", "video_wan2.1_alpha_t2v_14B", "video_wan2_2_14B_flf2v",
                           "video_wan2_2_14B_t2v", "flux_fill_inpaint_example", "flux_fill_outpaint_example",
-                          "image_flux.1_fill_dev_OneReward", "flux_canny_model_example"]
+                          "image_flux.1_fill_dev_OneReward", "flux_canny_model_example",
+                          "flux_redux_model_example"]
 
 # nodes that live only in the frontend (never sent to the backend)
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
