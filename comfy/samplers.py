@@ -575,7 +575,13 @@ class KSamplerX0Inpaint:
                                                                           "sigmas": self.sigmas})
             latent_mask = 1.0 - denoise_mask
             sig = sigma.reshape([sigma.shape[0]] + [1] * (len(self.noise.shape) - 1))
-            x = x * denoise_mask + ms.noise_scaling(sig, self.noise, self.latent_image) * latent_mask
+            # the known region, noised to this sigma; models that denoise it at t = 0 (Wan 2.2 TI2V's
+            # per-frame timesteps) take it clean instead (ComfyUI's `scale_latent_inpaint` hook)
+            base = getattr(self.inner_model, "inner_model", None)
+            scale_known = getattr(base, "scale_latent_inpaint", None)
+            known = scale_known(sigma=sig, noise=self.noise, latent_image=self.latent_image) \
+                if scale_known is not None else ms.noise_scaling(sig, self.noise, self.latent_image)
+            x = x * denoise_mask + known * latent_mask
         out = self.inner_model(x, sigma, model_options=model_options or {}, seed=seed)
         if denoise_mask is not None:
             out = out * denoise_mask + self.latent_image * latent_mask
@@ -689,7 +695,15 @@ def sampler_object(name):
 
 
 def prepare_mask(noise_mask, shape, device):
-    """A [B,H,W] or [B,1,H,W] mask -> the latent's shape (bilinear resize, channels and batch repeated)."""
+    """A [B,H,W] or [B,1,H,W] mask -> the latent's shape (bilinear resize, channels and batch repeated).
+    A video mask [B,C,T,H,W] (Wan22ImageToVideoLatent's, per latent frame) is resized in time too."""
+    if noise_mask.ndim == 5 and len(shape) == 5:
+        mask = noise_mask.float()
+        if tuple(mask.shape[2:]) != tuple(shape[2:]):
+            mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:]), mode="trilinear")
+        if mask.shape[1] != shape[1]:
+            mask = mask.mean(dim=1, keepdim=True).expand(-1, shape[1], -1, -1, -1)
+        return _repeat_to_batch(mask, shape[0]).to(device)
     mask = noise_mask.reshape((-1, 1, noise_mask.shape[-2], noise_mask.shape[-1]))
     spatial = tuple(shape[-2:])
     mask = torch.nn.functional.interpolate(mask.float(), size=spatial, mode="bilinear")
@@ -747,8 +761,11 @@ class CFGGuider:
 
         # Under several ranks this is a clone carrying the parallel plan (CFG / sequence / data parallel);
         # with one rank it is the same patcher.
+        masked = any(c.get("attention_mask") is not None for conds in self.original_conds.values()
+                     for c in (conds or []) if isinstance(c, dict))
         patcher = prepare_for_sampling(self.model_patcher, self.cfg, noise.shape,
-                                       has_negative=bool(self.original_conds.get("negative")))
+                                       has_negative=bool(self.original_conds.get("negative")),
+                                       attention_mask=masked)
         saved_options = self.model_options
         self.model_options = patcher.model_options
         comfy.model_management.load_models_gpu([patcher])

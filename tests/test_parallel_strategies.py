@@ -123,6 +123,13 @@ def test_auto_plan_rules():
     assert (d.cfg, d.ulysses, d.ring, d.dp) == (2, 2, 1, 1)
     d = plan(4, batch=4).dims  # a batch that splits evenly goes data parallel
     assert (d.cfg, d.sp, d.dp) == (1, 1, 4)
+    # an attention mask in the conditioning (Redux attn_bias) rules sequence parallel out for that run:
+    # automatic plans fall back and say why; a configured degree is refused naming the reason
+    masked = plan(4, cfg_active=True, sp_blocker="the conditioning carries an attention mask")
+    assert (masked.dims.cfg, masked.dims.sp) == (2, 1)
+    assert any("attention mask" in r for r in masked.reasons)
+    with pytest.raises(ConfigError, match="attention mask"):
+        plan(4, config={"ulysses_degree": 4}, sp_blocker="the conditioning carries an attention mask")
     d = plan(5, heads=24).dims  # 5 does not divide 24 heads: ring takes it
     assert (d.ulysses, d.ring) == (1, 5)
     d = plan(6, heads=24).dims

@@ -80,8 +80,13 @@ def _largest_divisor_dividing(n: int, heads: int | None) -> int:
 
 
 def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: int | None, sp_supported: bool,
-                  model_name: str = "model", tokens: int | None = None, peer_access: bool = True) -> Plan:
-    """Choose the degrees for one sampling run. Pure function of its inputs (tested without processes)."""
+                  model_name: str = "model", tokens: int | None = None, peer_access: bool = True,
+                  sp_blocker: str | None = None) -> Plan:
+    """Choose the degrees for one sampling run. Pure function of its inputs (tested without processes).
+
+    `sp_blocker`: why this run's inputs rule sequence parallel out although the model has a plan (e.g. an
+    attention mask in the conditioning): automatic choice falls back to data parallel / whole-image lockstep
+    saying so, and a configured sequence-parallel degree is refused with that reason."""
     from comfy.taco_dit.core.config_manager import AUTO, ConfigError
 
     reasons: list[str] = []
@@ -107,6 +112,9 @@ def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: in
         if not sp_supported:
             raise ConfigError(f"Sequence parallel was configured but {model_name} has no sequence-parallel plan "
                               "yet; use cfg_parallel / data parallel or parallel.enabled: false")
+        if sp_blocker:
+            raise ConfigError(f"Sequence parallel was configured but {sp_blocker}; set sequence parallel off "
+                              "(TACO-DiT Parallel Config or --taco-config) for this workflow")
         sp = config.sequence_parallel_degree if isinstance(config.sequence_parallel_degree, int) else \
             (u if isinstance(u, int) else 1) * (r if isinstance(r, int) else 1)
         if rest % sp:
@@ -128,7 +136,7 @@ def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: in
         u = r = 1
         dp = rest
         reasons.append(f"batch {batch} splits evenly over {rest} ranks: data parallel (no communication)")
-    elif sp_supported and config.sequence_parallel is not False:
+    elif sp_supported and not sp_blocker and config.sequence_parallel is not False:
         dp = 1
         u = _largest_divisor_dividing(rest, heads)
         if not peer_access and rest > 1:
@@ -142,7 +150,7 @@ def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: in
         u = r = 1
         dp = rest
         why = "sequence parallel is off" if config.sequence_parallel is False else \
-            f"{model_name} has no sequence-parallel plan yet"
+            (sp_blocker if sp_supported and sp_blocker else f"{model_name} has no sequence-parallel plan yet")
         reasons.append(f"{why}: data parallel over {rest} ranks (whole batch on each rank if it does not split)")
     return Plan(MeshDims(world_size=world, dp=dp, cfg=cfg, ring=r, ulysses=u), reasons)
 
@@ -181,8 +189,11 @@ def _peer_access() -> bool:
     return all(torch.cuda.can_device_access_peer(0, j) for j in range(1, n))
 
 
-def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: bool = True):
-    """Return `patcher`, or a clone carrying this run's parallel strategies (see module docstring)."""
+def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: bool = True,
+                         attention_mask: bool = False):
+    """Return `patcher`, or a clone carrying this run's parallel strategies (see module docstring).
+    `attention_mask`: the run's conditioning carries an attention mask (e.g. StyleModelApply's attn_bias),
+    which the sequence-parallel attention cannot apply, so sequence parallel is left out for this run."""
     world = world_size()
     node_opts = patcher.model_options.get(NODE_OPTIONS_KEY)
     if world == 1:
@@ -199,7 +210,9 @@ def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: b
         tokens = math.prod(noise_shape[2:]) // 4
     plan = plan_parallel(config, world=world, cfg_active=cfg_active, batch=int(noise_shape[0]),
                          heads=getattr(dm, "num_heads", None), sp_supported=supports_sequence_parallel(dm),
-                         model_name=type(dm).__name__, tokens=tokens, peer_access=_peer_access())
+                         model_name=type(dm).__name__, tokens=tokens, peer_access=_peer_access(),
+                         sp_blocker="the conditioning carries an attention mask (e.g. StyleModelApply attn_bias), "
+                                    "which sequence-parallel attention cannot apply" if attention_mask else None)
     _runtime["last_plan"] = plan  # what the last sampling run used (console timing, tests)
     if not plan.is_parallel:
         return _apply_optimizations(patcher, config.optimization, plan)
