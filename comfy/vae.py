@@ -1,7 +1,7 @@
 """The VAE object that VAELoader / checkpoints hand to VAEDecode and VAEEncode.
 
 Owns `VAE(sd)`: family detection from keys and shapes (KL autoencoder: 4-channel SD, 16-channel
-Flux/SD3; Wan 2.1 video VAE, comfy/ldm/wan/vae.py), `decode(latent) -> IMAGE [B,H,W,C] 0..1 on the CPU`
+Flux/SD3; Wan 2.1 / 2.2 video VAEs, comfy/ldm/wan/vae.py), `decode(latent) -> IMAGE [B,H,W,C] 0..1 on the CPU`
 (video: [B,T,H,W,C]), `encode(IMAGE) -> latent`, tiled decode
 for large images, and the errors for files that are not a supported VAE. Latents here are the VAE's
 raw space: the model's latent format applies scale/shift (Flux 0.3611/0.1159, SD3 1.5305/0.0609).
@@ -29,13 +29,13 @@ def _strip_prefix(sd: dict) -> dict:
 
 
 def detect_vae_family(sd: dict, name: str = "<state dict>") -> str:
-    """'kl_sd' (4 latent channels), 'kl_16' (Flux / SD3), 'kl' (other KL sizes) or 'wan21' (Wan 2.1 video
-    VAE); ValueError otherwise."""
+    """'kl_sd' (4 latent channels), 'kl_16' (Flux / SD3), 'kl' (other KL sizes), 'wan21' (Wan 2.1 video
+    VAE) or 'wan22' (Wan 2.2 video VAE, 48 channels); ValueError otherwise."""
     from comfy.ldm.wan.vae import is_wan_vae, wan_vae_config_from_state_dict
 
     if is_wan_vae(sd):
-        wan_vae_config_from_state_dict(sd, name)  # raises for Wan 2.2 / incomplete files, naming the fix
-        return "wan21"
+        config = wan_vae_config_from_state_dict(sd, name)  # raises for incomplete files, naming the fix
+        return "wan22" if config.get("residual") else "wan21"
     if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd and "encoder.mid.attn_1.q.weight" in sd:
         z = sd["decoder.conv_in.weight"].shape[1]
         if sd["decoder.conv_in.weight"].ndim != 4:
@@ -56,11 +56,11 @@ def detect_vae_family(sd: dict, name: str = "<state dict>") -> str:
 
 # what each VAE family is, and which models make latents of a given shape (for the wrong-VAE errors)
 _FAMILY_NAMES = {"kl_sd": "an SD1.x/SDXL-style VAE", "kl_16": "a Flux / SD3 / SD3.5 VAE", "kl": "a KL VAE",
-                 "wan21": "the Wan 2.1 video VAE"}
+                 "wan21": "the Wan 2.1 video VAE", "wan22": "the Wan 2.2 video VAE"}
 _LATENT_SOURCES = {(4, 4): "an SD1.x / SDXL / PixArt / HunyuanDiT model (4-channel image latent)",
                    (16, 4): "a Flux / SD3 / SD3.5 model (16-channel image latent)",
                    (16, 5): "a Wan 2.1 model (16-channel video latent [B,C,T,H,W])",
-                   (48, 5): "a Wan 2.2 5B model (48-channel video latent)"}
+                   (48, 5): "a Wan 2.2 TI2V 5B model or Wan22ImageToVideoLatent (48-channel video latent)"}
 
 
 class VAE:
@@ -74,7 +74,7 @@ class VAE:
         self.device = device or mm.vae_device()
         self.vae_dtype = dtype or mm.vae_dtype(self.device)
         self.output_device = mm.intermediate_device()
-        if self.family == "wan21":
+        if self.family in ("wan21", "wan22"):
             self._init_wan(sd, name)
             return
         config = kl_config_from_state_dict(sd)
@@ -158,7 +158,8 @@ class VAE:
             f"VAE '{self.name}' is {_FAMILY_NAMES.get(self.family, 'a VAE')} and decodes {self.latent_channels}-"
             f"channel latents {layout}, but this latent is {tuple(samples.shape)}, which comes from {got}. "
             "Load the VAE that belongs to the diffusion model (e.g. ae.safetensors for Flux, the checkpoint's "
-            "own VAE for SD3.5, wan_2.1_vae.safetensors for Wan 2.1).")
+            "own VAE for SD3.5, wan_2.1_vae.safetensors for Wan 2.1 and the Wan 2.2 14B models, "
+            "wan2.2_vae.safetensors for Wan 2.2 TI2V 5B).")
 
     def _ensure_loaded(self) -> None:
         if self.patcher is not None:
@@ -240,7 +241,7 @@ class VAE:
             out.append(self.first_stage_model.encode(x).float().to(self.output_device))
         return torch.cat(out)
 
-    # -- video VAEs (Wan 2.1): latents [B,C,t,h,w], videos one at a time (memory), frames in temporal chunks --
+    # -- video VAEs (Wan 2.1 / 2.2): latents [B,C,t,h,w], videos one at a time (memory), frames in temporal chunks --
     def _video_progress(self, total: int):
         import comfy.utils
 
