@@ -101,9 +101,15 @@ class BaseModel(torch.nn.Module):
         timestep = self.model_sampling.timestep(sigma).float()
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
+        timestep = self.process_timestep(timestep, x=x, **extra)
         out = self.diffusion_model(xc, timestep, context=context, control=control,
                                    transformer_options=transformer_options, **extra).float()
         return self.model_sampling.calculate_denoised(sigma, out, x)
+
+    def process_timestep(self, timestep: torch.Tensor, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The network's timestep from the sampler's ([B]); models with per-frame / per-token timesteps
+        (Wan 2.2 TI2V) derive them from their model conds here."""
+        return timestep
 
     def extra_conds(self, **kwargs) -> dict:
         """One conditioning entry -> model keyword arguments (tensors on the sampler's device)."""
@@ -278,6 +284,10 @@ def _fit_latent_hw(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return flat.reshape(b, t, c, height, width).movedim(1, 2)
 
 
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    return x if device is None else x.to(device)
+
+
 def _to_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     if x.shape[0] == batch:
         return x
@@ -297,6 +307,24 @@ class WAN21(BaseModel):
         super().__init__(model_config, model_type, device=device, unet_model=WanModel)
         self.image_to_video = image_to_video
 
+    def _check_latent_channels(self, latent: torch.Tensor, what: str) -> None:
+        """A latent of the other Wan VAE would fail deep in the network (or, as a concat image, be silently
+        cut): name both sides and the fix."""
+        ch = self.latent_format.latent_channels
+        if latent.shape[1] == ch:
+            return
+        model = "Wan 2.2 TI2V-5B" if ch == 48 else "Wan 2.1 / Wan 2.2 14B"
+        source = {48: "the Wan 2.2 VAE (wan2.2_vae.safetensors) or Wan22ImageToVideoLatent",
+                  16: "the Wan 2.1 VAE (wan_2.1_vae.safetensors) or a 16-channel Wan latent node"}.get(
+            latent.shape[1], "another model family's VAE")
+        fix = "wan2.2_vae.safetensors" if ch == 48 else "wan_2.1_vae.safetensors"
+        raise ValueError(f"This {model} model takes {ch}-channel latents, but the {what} has {latent.shape[1]} "
+                         f"channels {tuple(latent.shape)}, which comes from {source}. Use {fix} with this model.")
+
+    def process_latent_in(self, latent: torch.Tensor) -> torch.Tensor:
+        self._check_latent_channels(latent, "latent")
+        return super().process_latent_in(latent)
+
     def concat_cond(self, **kwargs) -> torch.Tensor | None:
         noise = kwargs["noise"]
         extra = self.diffusion_model.in_dim - noise.shape[1]
@@ -307,6 +335,7 @@ class WAN21(BaseModel):
         if image is None:
             # no start image (WanImageToVideo without one): mask and image channels stay zero, as in ComfyUI
             return torch.zeros((noise.shape[0], extra) + tuple(noise.shape[2:]), dtype=noise.dtype, device=device)
+        self._check_latent_channels(image, "start/end image latent (concat_latent_image)")
         image = _fit_latent_hw(image.to(device=device, dtype=noise.dtype), noise.shape[-2], noise.shape[-1])
         ch = self.latent_format.latent_channels
         image = torch.cat([self.process_latent_in(image[:, i:i + ch]) for i in range(0, image.shape[1], ch)], dim=1)
@@ -341,6 +370,29 @@ class WAN21(BaseModel):
             fea = clip_vision_output.penultimate_hidden_states
             out["clip_fea"] = fea.to(device) if device is not None else fea
         return out
+
+
+class WAN22(WAN21):
+    """Wan 2.2 TI2V-5B: 48-channel latents of the Wan 2.2 VAE, the same DiT. Image-to-video works through
+    the sampler's denoise mask (Wan22ImageToVideoLatent: 0 on the start image's latent frame): each latent
+    frame's timestep is the sampler's times that frame's mean mask, so the start frame is denoised at t = 0
+    while the others follow the schedule, and the network sees that frame clean (`scale_latent_inpaint`),
+    never re-noised. Without a mask every frame gets the sampler's timestep (text-to-video)."""
+
+    def extra_conds(self, **kwargs) -> dict:
+        out = super().extra_conds(**kwargs)
+        if kwargs.get("denoise_mask") is not None:  # read back in process_timestep
+            out["denoise_mask"] = _to_device(kwargs["denoise_mask"], kwargs.get("device"))
+        return out
+
+    def process_timestep(self, timestep: torch.Tensor, x: torch.Tensor, denoise_mask=None, **kwargs):
+        if denoise_mask is None:
+            return timestep
+        per_frame = denoise_mask.float().mean(dim=tuple(i for i in range(1, denoise_mask.ndim) if i != 2))
+        return per_frame.to(timestep.device) * timestep.reshape(-1, 1)   # [B, T]
+
+    def scale_latent_inpaint(self, sigma, noise, latent_image, **kwargs) -> torch.Tensor:
+        return latent_image
 
 
 class PixArt(BaseModel):

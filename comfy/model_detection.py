@@ -89,7 +89,7 @@ def _detect_sd3(sd: dict, prefix: str) -> dict | None:
 
 
 def _detect_wan(sd: dict, prefix: str) -> dict | None:
-    from comfy.ldm.wan.detect import detect_wan  # Wan 2.1 t2v / i2v / flf2v (and the 2.2 14B DiTs)
+    from comfy.ldm.wan.detect import detect_wan  # Wan 2.1 t2v / i2v / flf2v, the 2.2 14B DiTs, 2.2 TI2V-5B
 
     return detect_wan(sd, prefix)
 
@@ -119,7 +119,8 @@ DETECTORS: list[tuple[str, Callable[[dict, str], dict | None]]] = [
 KNOWN_UNSUPPORTED = {
     # only reached when the SD3 detector found its key but not the rest
     "joint_blocks.0.context_block.attn.qkv.weight": "an incomplete SD3 / SD3.5 (MMDiT) file",
-    "head.modulation": "a Wan variant other than 2.1 / 2.2-14B t2v / i2v (TI2V-5B, VACE, Fun camera, S2V)",
+    "head.modulation": "a Wan variant other than 2.1 / 2.2-14B t2v / i2v / 2.2 TI2V-5B (VACE, Fun camera, S2V, "
+                       "Animate)",
     "distilled_guidance_layer.in_proj.weight": "Chroma",
     "txt_in.individual_token_refiner.blocks.0.norm1.weight": "HunyuanVideo",
     "adaln_single.emb.timestep_embedder.linear_1.bias": "LTX-Video",

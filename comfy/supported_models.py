@@ -147,6 +147,18 @@ class WAN21_FLF2V(WAN21_I2V):
     unet_config = {"image_model": "wan2.1", "model_type": "flf2v", "in_dim": 36}
 
 
+class WAN22_T2V(WAN21_T2V):
+    """Wan 2.2 TI2V-5B (text- and image-to-video in one model): 48-channel Wan 2.2 VAE latents, per-frame
+    timesteps from the denoise mask (`comfy.model_base.WAN22`)."""
+
+    unet_config = {"image_model": "wan2.1", "model_type": "t2v", "out_dim": 48}
+    latent_format = comfy.latent_formats.Wan22
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return comfy.model_base.WAN22(self, model_type=self.model_type(state_dict, prefix), device=device,
+                                      image_to_video=True)
+
+
 class PixArtAlpha(BASE):
     """PixArt-α: EPS on the linear DDPM betas 1e-4..0.02 (ComfyUI's "sqrt_linear"), SD1.5 latents, T5-XXL."""
 
@@ -206,8 +218,8 @@ class HunyuanDiT1(HunyuanDiT):
     sampling_settings = {"linear_start": 0.00085, "linear_end": 0.03}
 
 
-models: list[type[BASE]] = [Flux, FluxSchnell, SD3, WAN21_T2V, WAN21_I2V, WAN21_FLF2V, PixArtAlpha, PixArtSigma,
-                            HunyuanDiT, HunyuanDiT1]
+models: list[type[BASE]] = [Flux, FluxSchnell, SD3, WAN22_T2V, WAN21_T2V, WAN21_I2V, WAN21_FLF2V, PixArtAlpha,
+                            PixArtSigma, HunyuanDiT, HunyuanDiT1]
 
 
 def model_config_for(unet_config: dict, state_dict: dict | None = None, prefix: str = "") -> BASE | None:

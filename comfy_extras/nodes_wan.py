@@ -1,9 +1,14 @@
-"""Wan conditioning nodes: WanImageToVideo (image_to_video_wan template) and WanFirstLastFrameToVideo.
+"""Wan conditioning nodes: WanImageToVideo (image_to_video_wan template), WanFirstLastFrameToVideo and
+Wan22ImageToVideoLatent (video_wan2_2_5B_ti2v template).
 
 They build the empty video latent and attach what the Wan i2v / flf2v models read from the conditioning:
 ``concat_latent_image`` (VAE latent of the guide frames, grey elsewhere), ``concat_mask`` (latent-resolution,
 0 on known frames, 1 on frames to generate; `comfy.model_base.WAN21` turns it into the 4-channel mask) and
 ``clip_vision_output`` (CLIP-vision tokens of the guide image(s)).
+
+Wan 2.2 TI2V-5B takes no conditioning extras: Wan22ImageToVideoLatent writes the start image's latent into
+the first latent frame(s) and returns a ``noise_mask`` that is 0 there, which the sampler keeps fixed and
+`comfy.model_base.WAN22` turns into a timestep of 0 for those frames.
 """
 
 from __future__ import annotations
@@ -122,4 +127,44 @@ class WanFirstLastFrameToVideo:
         return (positive, negative, {"samples": latent})
 
 
-NODE_CLASS_MAPPINGS = {"WanImageToVideo": WanImageToVideo, "WanFirstLastFrameToVideo": WanFirstLastFrameToVideo}
+class Wan22ImageToVideoLatent:
+    @classmethod
+    def INPUT_TYPES(s):
+        return {"required": {"vae": ("VAE",),
+                             "width": ("INT", {"default": 1280, "min": 32, "max": MAX_RESOLUTION, "step": 32}),
+                             "height": ("INT", {"default": 704, "min": 32, "max": MAX_RESOLUTION, "step": 32}),
+                             "length": ("INT", {"default": 49, "min": 1, "max": MAX_RESOLUTION, "step": 4}),
+                             "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})},
+                "optional": {"start_image": ("IMAGE",)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "execute"
+    CATEGORY = "conditioning/inpaint"
+
+    def execute(self, vae, width, height, length, batch_size, start_image=None):
+        import comfy.latent_formats
+
+        r = vae.spacial_compression_encode()
+        latent = torch.zeros([1, vae.latent_channels, _latent_frames(length), height // r, width // r],
+                             device=comfy.model_management.intermediate_device())
+        if start_image is None:
+            return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1)},)
+        fmt = comfy.latent_formats.Wan22()
+        if vae.latent_channels != fmt.latent_channels:
+            raise ValueError(f"Wan22ImageToVideoLatent: VAE '{getattr(vae, 'name', '?')}' makes {vae.latent_channels}-"
+                             "channel latents; the start image needs the Wan 2.2 VAE (wan2.2_vae.safetensors, 48 "
+                             "channels) that Wan 2.2 TI2V-5B uses")
+        start = _fit_frames(start_image[:length], width, height)[..., :3]
+        encoded = vae.encode(start).to(latent)
+        known = encoded.shape[2]
+        latent[:, :, :known] = encoded
+        mask = torch.ones([1, 1] + list(latent.shape[2:]), device=latent.device)
+        mask[:, :, :known] = 0.0
+        # frames to generate hold the latent mean (process_out of 0): zero in the model's space, where the
+        # sampler starts from; the known frames keep the raw VAE latent, as LATENT always does
+        latent = fmt.process_out(latent) * mask + latent * (1.0 - mask)
+        return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1), "noise_mask": mask.repeat(batch_size, 1, 1, 1, 1)},)
+
+
+NODE_CLASS_MAPPINGS = {"WanImageToVideo": WanImageToVideo, "WanFirstLastFrameToVideo": WanFirstLastFrameToVideo,
+                       "Wan22ImageToVideoLatent": Wan22ImageToVideoLatent}

@@ -19,7 +19,7 @@ TEMPLATES = ["flux_dev_full_text_to_image", "flux_dev_checkpoint_example", "flux
              "text_to_video_wan", "image_to_video_wan"]
 
 # Every other official local (non-"api_") template of the supported families (Flux.1 dev/schnell/krea/kontext/
-# fill/canny/redux, SD3/SD3.5, PixArt, HunyuanDiT, Wan 2.1 and Wan 2.2 14B) whose node types, subgraph definitions
+# fill/canny/redux, SD3/SD3.5, PixArt, HunyuanDiT, Wan 2.1, Wan 2.2 14B and TI2V 5B) whose node types, subgraph definitions
 # included, are all registered here: found by scanning the installed templates package (templates-core
 # 0.3.388) and all of them pass the widget checks below. None of the family's fully registered templates
 # failed those checks.
@@ -28,13 +28,17 @@ TEMPLATES = ["flux_dev_full_text_to_image", "flux_dev_checkpoint_example", "flux
 # took the extra input channels (comfy/model_base.py Flux.concat_cond).
 # Flux Redux (flux_redux_model_example) joined once CLIPVisionLoader took SigLIP files and StyleModelLoader /
 # StyleModelApply existed (comfy/clip_vision.py, comfy/style_model.py, comfy_extras/nodes_redux.py).
+# Wan 2.2 TI2V 5B (video_wan2_2_5B_ti2v) joined once the Wan 2.2 VAE, the 48-channel DiT with per-frame
+# timesteps and Wan22ImageToVideoLatent existed (comfy/ldm/wan/vae.py, comfy/model_base.py WAN22,
+# comfy_extras/nodes_wan.py).
 # Left out because they use node types we do not register, mostly for model variants we do not support:
 #   Flux Depth via a Lotus depth map (flux_depth_lora_example: LotusConditioning and the SD-2 based Lotus
 #   UNet), Flux USO (flux1_dev_uso_reference_image_gen), SD3.5 depth via
 #   Lotus (sd3.5_large_depth), Wan Fun control/inpaint/camera, VACE, ATI, Move, S2V, HuMo, InfiniteTalk,
 #   Animate, SCAIL (wan2.1_fun_*, video_wan*_fun_*, video_wan_vace_*, video_wan_ati, video_wanmove_480p,
 #   video_wan2_2_14B_s2v, video_humo, video_wan2_1_infinitetalk, video_wan_animate2*, video_wan21_scail2_*),
-#   and Wan 2.2 5B (video_wan2_2_5B_*). Wan 2.2 14B t2v joined once ComfyMathExpression and ComfySwitchNode
+#   and the Wan 2.2 Fun 5B models (video_wan2_2_5B_fun_control: Wan22FunControlToVideo,
+#   video_wan2_2_5B_fun_inpaint: WanFunInpaintToVideo). Wan 2.2 14B t2v joined once ComfyMathExpression and ComfySwitchNode
 #   existed (comfy_extras/nodes_logic.py); its i2v sibling stores two widget values on a CreateVideo whose
 #   saved inputs declare one widget (fps), which this check cannot place. No PixArt or HunyuanDiT template
 #   is shipped.
@@ -42,7 +46,7 @@ LOCAL_FAMILY_TEMPLATES = ["flux1_krea_dev", "sd3.5_large_blur", "sd3.5_large_can
                           "wan2.1_flf2v_720_f16", "video_wan2.1_alpha_t2v_14B", "video_wan2_2_14B_flf2v",
                           "video_wan2_2_14B_t2v", "flux_fill_inpaint_example", "flux_fill_outpaint_example",
                           "image_flux.1_fill_dev_OneReward", "flux_canny_model_example",
-                          "flux_redux_model_example"]
+                          "flux_redux_model_example", "video_wan2_2_5B_ti2v"]
 
 # nodes that live only in the frontend (never sent to the backend)
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}

@@ -16,19 +16,14 @@ from tests.test_wan_model_oracle import TINY, random_wan_state_dict
 W, H, LENGTH = 64, 48, 5     # -> latent [1, 16, 2, 6, 8]: 2 x 3 x 4 = 24 video tokens
 
 
-def _write_models(base_dir, i2v: bool = False):
+def write_umt5(base_dir) -> None:
+    """A tiny umT5 encoder with its sentencepiece tokenizer embedded: models/text_encoders/umt5_tiny.safetensors."""
     import transformers as tr
 
     from comfy.text_encoders import tokenizers as tk
-    from tests.test_wan_vae_oracle import wan_vae_sd
 
     models = base_dir / "models"
-    for sub in ("diffusion_models", "text_encoders", "vae", "clip_vision"):
-        (models / sub).mkdir(parents=True, exist_ok=True)
-    kind = "i2v" if i2v else "t2v"
-    cfg = TINY if i2v else {k: v for k, v in TINY.items() if k != "in_dim_img"}
-    save_file(random_wan_state_dict(kind, seed=11, **cfg), str(models / "diffusion_models" / f"wan_{kind}.safetensors"))
-
+    (models / "text_encoders").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(12)
     d = TINY["text_dim"]
     te = tr.UMT5EncoderModel(tr.UMT5Config(vocab_size=160, d_model=d, d_kv=d // 2, num_heads=2, d_ff=2 * d,
@@ -38,6 +33,18 @@ def _write_models(base_dir, i2v: bool = False):
     with open(spm, "rb") as f:
         sd["spiece_model"] = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
     save_file(sd, str(models / "text_encoders" / "umt5_tiny.safetensors"))
+
+
+def _write_models(base_dir, i2v: bool = False):
+    from tests.test_wan_vae_oracle import wan_vae_sd
+
+    models = base_dir / "models"
+    for sub in ("diffusion_models", "text_encoders", "vae", "clip_vision"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    kind = "i2v" if i2v else "t2v"
+    cfg = TINY if i2v else {k: v for k, v in TINY.items() if k != "in_dim_img"}
+    save_file(random_wan_state_dict(kind, seed=11, **cfg), str(models / "diffusion_models" / f"wan_{kind}.safetensors"))
+    write_umt5(base_dir)
     save_file(wan_vae_sd(seed=13), str(models / "vae" / "wan_2.1_vae.safetensors"))
     if i2v:
         _, cv = tiny_clip_vision(hidden=TINY["in_dim_img"], seed=14)
@@ -83,7 +90,8 @@ def i2v_prompt(seed: int = 7) -> dict:
     return p
 
 
-def _run(prompt: dict, pid: str):
+def run_prompt(prompt: dict, pid: str, output_node: str = "49") -> str:
+    """Validate and execute `prompt`; the path of the one file `output_node` saved."""
     import execution
     import folder_paths
     from tests.fixtures.harness import FakeServer
@@ -93,7 +101,7 @@ def _run(prompt: dict, pid: str):
     ex = execution.PromptExecutor(FakeServer())
     ex.execute(prompt, pid, {}, outputs)
     assert ex.success, ex.status_messages
-    files = ex.history_result["outputs"]["49"]["images"]
+    files = ex.history_result["outputs"][output_node]["images"]
     assert len(files) == 1
     return os.path.join(folder_paths.get_output_directory(), files[0]["subfolder"], files[0]["filename"])
 
@@ -110,13 +118,13 @@ def test_text_to_video_wan_workflow(base_dir):
 
     _write_models(base_dir)
     nodes.init_extra_nodes(init_custom_nodes=False)
-    frames = _frames(_run(t2v_prompt(), "wan-t2v-0"))
+    frames = _frames(run_prompt(t2v_prompt(), "wan-t2v-0"))
     assert frames.shape == (LENGTH, H, W, 3)
     assert len(np.unique(frames)) > 10      # random weights still give structure, not a flat colour
     # same seed, fresh executor (nothing cached) -> the same video; another seed -> a different one
-    again = _frames(_run(t2v_prompt(), "wan-t2v-1"))
+    again = _frames(run_prompt(t2v_prompt(), "wan-t2v-1"))
     assert np.array_equal(frames, again)
-    other = _frames(_run(t2v_prompt(seed=8), "wan-t2v-2"))
+    other = _frames(run_prompt(t2v_prompt(seed=8), "wan-t2v-2"))
     assert not np.array_equal(frames, other)
 
 
@@ -131,13 +139,13 @@ def test_image_to_video_wan_workflow(base_dir):
     Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
         os.path.join(folder_paths.get_input_directory(), "start.png"))
     nodes.init_extra_nodes(init_custom_nodes=False)
-    frames = _frames(_run(i2v_prompt(), "wan-i2v-0"))
+    frames = _frames(run_prompt(i2v_prompt(), "wan-i2v-0"))
     assert frames.shape == (LENGTH, H, W, 3)
     assert len(np.unique(frames)) > 10
     # the start image reaches the model (c_concat and CLIP tokens): another image, another video
     Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
         os.path.join(folder_paths.get_input_directory(), "start.png"))
-    other = _frames(_run(i2v_prompt(), "wan-i2v-1"))
+    other = _frames(run_prompt(i2v_prompt(), "wan-i2v-1"))
     assert not np.array_equal(frames, other)
 
 

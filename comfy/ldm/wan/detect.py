@@ -1,4 +1,5 @@
-"""Wan 2.1 (and the 2.2 14B models, which share its DiT) hyper-parameters from a checkpoint's keys and shapes.
+"""Wan 2.1 (and the Wan 2.2 14B and TI2V-5B models, which share its DiT) hyper-parameters from a checkpoint's
+keys and shapes. The 5B is told apart by its 48 output channels (the Wan 2.2 VAE's latent).
 
 Returns the unet config `comfy.ldm.wan.model.WanModel` takes, or None when the state dict is not a Wan DiT
 this build runs (`comfy.model_detection` then names the family in its error message).
@@ -40,9 +41,6 @@ def detect_wan(sd: dict, prefix: str = "") -> dict | None:
     dim = sd[f"{prefix}head.modulation"].shape[-1]
     patch = tuple(int(p) for p in pe.shape[2:])
     out_dim = sd[f"{prefix}head.head.weight"].shape[0] // math.prod(patch)
-    if pe.shape[1] == 48 or out_dim == 48:
-        logger.info("Wan 2.2 TI2V-5B (48-channel latents) is not supported yet")
-        return None
     if dim % WAN_HEAD_DIM:
         raise ValueError(f"Wan checkpoint: dim {dim} is not a multiple of Wan's {WAN_HEAD_DIM}-wide heads; "
                          "the file is damaged or not a Wan 2.1/2.2 DiT")

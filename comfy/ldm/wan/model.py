@@ -1,4 +1,5 @@
-"""Wan 2.1 video diffusion transformer (t2v, i2v, first-last-frame) in the Wan checkpoint layout.
+"""Wan 2.1 video diffusion transformer (t2v, i2v, first-last-frame; also the Wan 2.2 14B and TI2V-5B
+DiTs, which share it) in the Wan checkpoint layout.
 
 Key names follow the released checkpoints (`patch_embedding`, `text_embedding`, `time_embedding`,
 `time_projection`, `blocks.N.{self_attn,cross_attn,norm3,ffn,modulation}`, `head.{head,modulation}`,
@@ -10,6 +11,10 @@ The forward runs in stages so the multi-GPU engine can wrap them without model c
 ``transformer_options``; cross-attention to text / image tokens passes
 ``cross_attention_options(transformer_options)`` so a sequence-parallel override keeps it local.
 `SEQUENCE_PARALLEL_PLAN` says what an engine splits and where it gathers. No distributed code lives here.
+
+Wan 2.2 TI2V-5B (48-channel latents of the Wan 2.2 VAE, dim 3072, 30 layers) is this network with a
+timestep per latent frame: the start image's frame is denoised at t = 0 while the rest follow the sampler,
+so the time modulation (`e`, `e0`) carries a frame axis and each block applies it per run of h*w tokens.
 """
 
 from __future__ import annotations
@@ -149,6 +154,19 @@ class WanI2VCrossAttention(WanSelfAttention):
         return self.o(out + out_img)
 
 
+def _modulation_rows(x: torch.Tensor, mod: torch.Tensor) -> tuple[int, int, int]:
+    """The [rows, tokens, dim] view of x [B, L, dim] that lines its tokens up with the modulation: [B, L, dim]
+    for one modulation per sample, [B*F, L/F, dim] for one per run of L/F tokens (mod [B, F, k, dim])."""
+    b, n, d = x.shape
+    if mod.ndim < 4 or mod.shape[1] == 1:
+        return (b, n, d)
+    f = mod.shape[1]
+    if n % f:
+        raise ValueError(f"Wan per-frame timesteps: {f} timesteps do not divide {n} tokens; give one timestep "
+                         "per latent frame (or per token)")
+    return (b * f, n // f, d)
+
+
 class WanAttentionBlock(nn.Module):
     def __init__(self, cross_attn_type: str, dim: int, ffn_dim: int, num_heads: int, qk_norm: bool = True,
                  cross_attn_norm: bool = True, eps: float = 1e-6, dtype=None, device=None, operations=None):
@@ -167,14 +185,18 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, freqs: torch.Tensor,
                 context_img_len: int | None = 0, transformer_options: dict | None = None) -> torch.Tensor:
-        """x [B, L, dim]; e [B, 6, dim] time projection; context [B, Lc, dim]."""
+        """x [B, L, dim]; e [B, 6, dim] time projection, or [B, F, 6, dim] with one per run of L/F tokens
+        (Wan 2.2 TI2V: per latent frame); context [B, Lc, dim]."""
         mod = self.modulation.to(dtype=e.dtype, device=e.device) + e
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)     # each [B, 1, dim]
-        y = self.self_attn(layernorm_modulate(x, shift1, scale1, self.norm1.eps), freqs, transformer_options)
-        x = torch.addcmul(x, y, gate1)
+        rows = _modulation_rows(x, mod)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.reshape(rows[0], 6, -1).chunk(6, dim=1)  # [rows, 1, dim]
+        y = self.self_attn(layernorm_modulate(x.view(rows), shift1, scale1, self.norm1.eps).view(x.shape), freqs,
+                           transformer_options)
+        x = torch.addcmul(x.view(rows), y.view(rows), gate1).view(x.shape)
         x = x + self.cross_attn(self.norm3(x), context, context_img_len, transformer_options)
-        y = self.ffn[2](linear_gelu(self.ffn[0], layernorm_modulate(x, shift2, scale2, self.norm2.eps)))  # GELU in the GEMM
-        return torch.addcmul(x, y, gate2)
+        y = self.ffn[2](linear_gelu(self.ffn[0], layernorm_modulate(x.view(rows), shift2, scale2,
+                                                                    self.norm2.eps)))  # GELU in the GEMM
+        return torch.addcmul(x.view(rows), y, gate2).view(x.shape)
 
 
 class WanHead(nn.Module):
@@ -187,9 +209,12 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 2, dim, **kw))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim], e [B, dim] time embedding -> [B, L, out_dim * prod(patch)]."""
-        shift, scale = (self.modulation.to(dtype=e.dtype, device=e.device) + e[:, None]).chunk(2, dim=1)
-        return self.head(torch.addcmul(shift, self.norm(x), 1 + scale))
+        """x [B, L, dim], e [B, dim] time embedding (or [B, F, dim], per run of L/F tokens) ->
+        [B, L, out_dim * prod(patch)]."""
+        mod = self.modulation.to(dtype=e.dtype, device=e.device) + e.unsqueeze(-2)   # [B, (F,) 2, dim]
+        rows = _modulation_rows(x, mod)
+        shift, scale = mod.reshape(rows[0], 2, -1).chunk(2, dim=1)
+        return self.head(torch.addcmul(shift, self.norm(x.view(rows)), 1 + scale)).view(*x.shape[:2], -1)
 
 
 class WanImageEmbedding(nn.Module):
@@ -213,7 +238,8 @@ class WanImageEmbedding(nn.Module):
 
 
 class WanModel(nn.Module):
-    """Wan 2.1 DiT. Latent-level entry point: `forward(x [B, C, T, H, W], timestep [B], context [B, L, C])`."""
+    """Wan 2.1 / 2.2 DiT. Latent-level entry point: `forward(x [B, C, T, H, W], timestep, context [B, L, C])`
+    with timestep [B], or [B, T] (one per latent frame: Wan 2.2 TI2V-5B keeps the start image's frame at 0)."""
 
     SEQUENCE_PARALLEL_PLAN = SEQUENCE_PARALLEL_PLAN
 
@@ -271,13 +297,18 @@ class WanModel(nn.Module):
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None):
         """Padded latent [B, C, T, H, W] -> (tokens [B, L, dim], e [B, dim], e0 [B, 6, dim],
-        context [B, Lc, dim] (image tokens first), context_img_len, grid (f, h, w))."""
+        context [B, Lc, dim] (image tokens first), context_img_len, grid (f, h, w)).
+
+        t is [B], or [B, F] for one timestep per latent frame / [B, L] per token (Wan 2.2 TI2V: the start
+        image's frame at 0); then e is [B, F, dim] and e0 [B, F, 6, dim]."""
         x = self.patch_embedding(x)
         grid = tuple(x.shape[2:])
         # one copy to [B, L, dim] row-major: every later op then works on contiguous tokens
         x = x.flatten(2).transpose(1, 2).contiguous()
         e = self.time_embedding(sinusoidal_embedding(t.flatten(), self.freq_dim).to(x.dtype))
-        e0 = self.time_projection(e).unflatten(1, (6, self.dim))
+        if t.ndim == 2:
+            e = e.view(t.shape[0], t.shape[1], -1)
+        e0 = self.time_projection(e).unflatten(-1, (6, self.dim))
         context = self.text_embedding(context)
         context_img_len = None
         if clip_fea is not None and self.img_emb is not None:
