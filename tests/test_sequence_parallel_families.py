@@ -131,16 +131,27 @@ class TestWan(SequenceParallelCases):
         from comfy.ldm.wan.model import WanModel
         from tests.test_wan_model_oracle import TINY, random_wan_state_dict
 
-        sd = random_wan_state_dict(model_type, seed=5, **TINY)
+        ti2v = model_type == "ti2v"  # Wan 2.2 TI2V-5B: 48 channels, one timestep per latent frame
+        sd = random_wan_state_dict("t2v" if ti2v else model_type, seed=5, **TINY,
+                                   **(dict(in_dim=48, out_dim=48) if ti2v else {}))
         model = WanModel(**comfy.model_detection.detect_unet_config(sd, "")).eval()
         model.load_state_dict(sd)
         g = torch.Generator().manual_seed(0)
-        return model, dict(x=torch.randn(1, 16 if model_type == "t2v" else 36, frames, h, w, generator=g),
+        ch = {"t2v": 16, "ti2v": 48}.get(model_type, 36)
+        return model, dict(x=torch.randn(1, ch, frames, h, w, generator=g),
                            ctx=torch.randn(1, 7, TINY["text_dim"], generator=g),
                            clip=torch.randn(1, 5, TINY["in_dim_img"], generator=g) if model_type == "i2v" else None)
 
     def run(self, model, i):
-        return model(i["x"], torch.tensor([600.0]), i["ctx"], clip_fea=i["clip"])
+        t = torch.tensor([600.0])
+        if model.out_dim == 48:  # the start frame at 0, the others at 600
+            t = torch.full((1, i["x"].shape[2]), 600.0).index_fill_(1, torch.tensor([0]), 0.0)
+        return model(i["x"], t, i["ctx"], clip_fea=i["clip"])
+
+    def test_ti2v_per_frame_timesteps(self):
+        # 27 tokens, 9 a frame: 2 or 4 ranks' chunks start and end inside frames
+        self.check(2, 2, 1, dict(model_type="ti2v", frames=3, h=6, w=6))
+        self.check(4, 2, 2, dict(model_type="ti2v", frames=3, h=6, w=6))
 
     def test_i2v_image_cross_attention_stays_local(self):
         self.check(2, 1, 2, dict(model_type="i2v", frames=2, h=6, w=6))

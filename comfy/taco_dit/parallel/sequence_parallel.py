@@ -140,7 +140,8 @@ def flux_forward_orig(mesh: ParallelMesh):
 
 def wan_forward_orig(mesh: ParallelMesh):
     """Sequence-parallel replacement for `WanModel.forward_orig`: video tokens split after embedding,
-    self-attention through USP, text/image cross-attention local (keys are the whole context)."""
+    self-attention through USP, text/image cross-attention local (keys are the whole context); per-frame
+    time modulation (Wan 2.2 TI2V) goes per local token."""
 
     def forward_orig(model, x, t, context, clip_fea=None, freqs=None, transformer_options=None, **kwargs):
         sp = mesh.sp
@@ -154,6 +155,12 @@ def wan_forward_orig(mesh: ParallelMesh):
         freqs_l = split.local(freqs, r, 1)
         keep = split.keep().reshape(-1).to(x.device) if split.padded != split.length else None
         opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+        if e0.ndim == 4 and e0.shape[1] > 1:
+            # one time modulation per latent frame (Wan 2.2 TI2V): a rank's chunk need not start or end on
+            # a frame, so each local token takes its frame's row (padding tokens read frame 0's)
+            frame = torch.arange(tokens.shape[1], device=x.device) // (tokens.shape[1] // e0.shape[1])
+            frame_l = split.local(frame, r, 0)
+            e0, e = e0[:, frame_l], e[:, frame_l]
         tokens_l = model.run_blocks(tokens_l, e0, context, freqs_l, context_img_len, opts)
         out = gather_tokens(model.final(tokens_l, e), sp, split, dim=1)
         return model.unpatchify(out, grid)
