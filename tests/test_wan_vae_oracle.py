@@ -55,38 +55,49 @@ def test_config_read_from_tensors(pair):
     assert sd["conv1.weight"].shape == (32, 32, 1, 1, 1) and sd["encoder.conv1.weight"].shape == (DIM, 3, 3, 3, 3)
 
 
-def test_decode_matches_diffusers(pair):
-    sd, ref = pair
+def loaded_net(sd: dict) -> WanVAE:
     net = WanVAE(**wan_vae_config_from_state_dict(sd)).eval()
     net.load_state_dict(sd, strict=True)
-    torch.manual_seed(1)
-    z = torch.randn(1, 16, 3, 4, 5)
+    return net
+
+
+def check_decode(net: WanVAE, ref, z: torch.Tensor, shape: tuple) -> None:
+    """Our decode equals diffusers', also with larger chunks after frame 0 (the feature cache carries the
+    causal history, so that is the same maths)."""
     with torch.no_grad():
         out = net.decode(z)
         expect = ref.decode(z).sample
-    assert out.shape == expect.shape == (1, 3, 9, 32, 40)  # 1 + 4*(3-1) frames, 8x spatial
+        chunked = net.decode(z, chunk=2)
+    assert out.shape == expect.shape == shape
     assert (expect.abs() < 1).float().mean() > 0.5  # most pixels unclamped: the comparison is informative
     torch.testing.assert_close(out, expect, rtol=0, atol=_tol(expect))
-    # larger chunks after frame 0 are the same maths (the feature cache carries the causal history)
+    torch.testing.assert_close(chunked, out, rtol=0, atol=_tol(expect))
+
+
+def check_encode(net: WanVAE, ref, x: torch.Tensor, shape: tuple) -> None:
+    """Our encode (mean) equals diffusers' mode, also with 8-frame chunks; frames past 1+4k are dropped."""
     with torch.no_grad():
-        torch.testing.assert_close(net.decode(z, chunk=2), out, rtol=0, atol=_tol(expect))
+        mu = net.encode(x)
+        expect = ref.encode(x[:, :, :1 + (x.shape[2] - 1) // 4 * 4]).latent_dist.mode()
+        big = net.encode(x, chunk=8)
+    assert mu.shape == expect.shape == shape
+    torch.testing.assert_close(mu, expect, rtol=0, atol=_tol(expect))
+    torch.testing.assert_close(big, mu, rtol=0, atol=_tol(expect))
+
+
+def test_decode_matches_diffusers(pair):
+    sd, ref = pair
+    torch.manual_seed(1)
+    check_decode(loaded_net(sd), ref, torch.randn(1, 16, 3, 4, 5), (1, 3, 9, 32, 40))  # 1 + 4*(3-1), 8x
 
 
 def test_encode_matches_diffusers(pair):
     sd, ref = pair
-    net = WanVAE(**wan_vae_config_from_state_dict(sd)).eval()
-    net.load_state_dict(sd, strict=True)
     torch.manual_seed(2)
     x = torch.rand(1, 3, 10, 32, 24) * 2 - 1  # 10 frames: the last one is past 1+4k and dropped
-    with torch.no_grad():
-        mu = net.encode(x)
-        expect = ref.encode(x).latent_dist.mode()
-        big = net.encode(x, chunk=8)
-    assert mu.shape == expect.shape == (1, 16, 3, 4, 3)
-    torch.testing.assert_close(mu, expect, rtol=0, atol=_tol(expect))
-    torch.testing.assert_close(big, mu, rtol=0, atol=_tol(expect))
+    check_encode(loaded_net(sd), ref, x, (1, 16, 3, 4, 3))
     with pytest.raises(ValueError, match="multiple of 4"):
-        net.encode(x, chunk=6)
+        loaded_net(sd).encode(x, chunk=6)
 
 
 def test_vae_object_decode_encode_image_layout(pair):
