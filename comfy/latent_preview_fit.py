@@ -92,6 +92,8 @@ def _model_space_formats(vae) -> list:
         return [lf.SD15(), lf.SDXL()]
     if family == "wan21" and vae.latent_channels == lf.Wan21.latent_channels:
         return [lf.Wan21()]
+    if family == "wan22" and vae.latent_channels == lf.Wan22.latent_channels:
+        return [lf.Wan22()]
     return [lf.LatentFormat()]  # unknown family: raw space is model space
 
 

@@ -139,3 +139,15 @@ def test_wan21_latent_is_refused_naming_both(pair):
     with pytest.raises(ValueError, match=r"wan2\.2_vae\.safetensors.*Wan 2\.2 video VAE.*48-channel.*"
                                          r"Wan 2\.1 model \(16-channel"):
         vae.decode(torch.zeros(1, 16, 2, 4, 4))
+
+
+def test_preview_map_fits_in_the_wan22_latent_space(pair):
+    import comfy.latent_formats as lf
+    import comfy.latent_preview_fit as fit
+
+    vae = VAE(pair[0], device=torch.device("cpu"), dtype=torch.float32, name="wan2.2_vae.safetensors")
+    # random latents for the fit are drawn with the spread Wan 2.2 TI2V's latents have in raw VAE space
+    assert [type(f) for f in fit._model_space_formats(vae)] == [lf.Wan22]
+    m = fit.fit_latent_rgb(vae)
+    assert m.factors.shape == (48, 3) and (m.latent_channels, m.latent_dimensions) == (48, 3)
+    assert torch.isfinite(m.factors).all()
