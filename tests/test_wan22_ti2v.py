@@ -222,3 +222,14 @@ def test_wan22_latent_given_to_wan21_model_names_both(base_dir):
     with pytest.raises(ValueError, match=r"Wan 2\.1 / Wan 2\.2 14B model takes 16-channel latents.*48 channels.*"
                                          r"Wan 2\.2 VAE \(wan2\.2_vae\.safetensors\).*wan_2\.1_vae"):
         nodes.KSampler().sample(model, 3, 1, 1.0, "euler", "simple", cond, cond, latent)
+
+
+def test_wan22_start_image_latent_given_to_wan21_i2v_model_names_both():
+    import comfy.sd
+
+    # WanImageToVideo with the Wan 2.2 VAE: its 48-channel start latent would otherwise be cut to 16 silently
+    model = comfy.sd.load_diffusion_model_state_dict(random_wan_state_dict("i2v", seed=3, **TINY))
+    with pytest.raises(ValueError, match=r"16-channel latents, but the start/end image latent.*48 channels.*"
+                                         r"Wan 2\.2 VAE.*Use wan_2\.1_vae\.safetensors"):
+        model.model.extra_conds(noise=torch.zeros(1, 16, 2, 2, 4), concat_latent_image=torch.zeros(1, 48, 2, 2, 4),
+                                device=torch.device("cpu"))
