@@ -189,7 +189,8 @@ class WanAttentionBlock(nn.Module):
         (Wan 2.2 TI2V: per latent frame); context [B, Lc, dim]."""
         mod = self.modulation.to(dtype=e.dtype, device=e.device) + e
         rows = _modulation_rows(x, mod)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.reshape(rows[0], 6, -1).chunk(6, dim=1)  # [rows, 1, dim]
+        # each [rows or 1, 1, dim]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.reshape(-1, 6, mod.shape[-1]).chunk(6, dim=1)
         y = self.self_attn(layernorm_modulate(x.view(rows), shift1, scale1, self.norm1.eps).view(x.shape), freqs,
                            transformer_options)
         x = torch.addcmul(x.view(rows), y.view(rows), gate1).view(x.shape)
@@ -213,7 +214,7 @@ class WanHead(nn.Module):
         [B, L, out_dim * prod(patch)]."""
         mod = self.modulation.to(dtype=e.dtype, device=e.device) + e.unsqueeze(-2)   # [B, (F,) 2, dim]
         rows = _modulation_rows(x, mod)
-        shift, scale = mod.reshape(rows[0], 2, -1).chunk(2, dim=1)
+        shift, scale = mod.reshape(-1, 2, mod.shape[-1]).chunk(2, dim=1)
         return self.head(torch.addcmul(shift, self.norm(x.view(rows)), 1 + scale)).view(*x.shape[:2], -1)
 
 
