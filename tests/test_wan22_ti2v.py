@@ -233,3 +233,21 @@ def test_wan22_start_image_latent_given_to_wan21_i2v_model_names_both():
                                          r"Wan 2\.2 VAE.*Use wan_2\.1_vae\.safetensors"):
         model.model.extra_conds(noise=torch.zeros(1, 16, 2, 2, 4), concat_latent_image=torch.zeros(1, 48, 2, 2, 4),
                                 device=torch.device("cpu"))
+
+
+def test_timestep_shapes_agree():
+    """One timestep for the batch, one per sample, per latent frame and per token give the same output when
+    they hold the same values (the modulation is broadcast, not copied per token)."""
+    import comfy.model_detection
+    from comfy.ldm.wan.model import WanModel
+
+    sd = ti2v_sd(seed=2)
+    m = WanModel(**comfy.model_detection.detect_unet_config(sd, "")).eval()
+    m.load_state_dict(sd)
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 48, 2, 4, 4, generator=g), torch.randn(2, 3, TINY["text_dim"], generator=g)
+    with torch.no_grad():
+        outs = [m(x, t, ctx) for t in (torch.tensor([500.0]), torch.full((2,), 500.0), torch.full((2, 2), 500.0),
+                                       torch.full((2, 8), 500.0))]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-5)
