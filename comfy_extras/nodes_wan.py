@@ -144,12 +144,13 @@ class Wan22ImageToVideoLatent:
     def execute(self, vae, width, height, length, batch_size, start_image=None):
         import comfy.latent_formats
 
-        r = vae.spacial_compression_encode()
-        latent = torch.zeros([1, vae.latent_channels, _latent_frames(length), height // r, width // r],
+        fmt = comfy.latent_formats.Wan22()
+        # always the Wan 2.2 VAE's layout (48 channels, 16x); without a start image ComfyUI returns this one
+        # empty latent, batch_size not applied (the sampler's noise, drawn for its shape, depends on that)
+        latent = torch.zeros([1, fmt.latent_channels, _latent_frames(length), height // 16, width // 16],
                              device=comfy.model_management.intermediate_device())
         if start_image is None:
-            return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1)},)
-        fmt = comfy.latent_formats.Wan22()
+            return ({"samples": latent},)
         if vae.latent_channels != fmt.latent_channels:
             raise ValueError(f"Wan22ImageToVideoLatent: VAE '{getattr(vae, 'name', '?')}' makes {vae.latent_channels}-"
                              "channel latents; the start image needs the Wan 2.2 VAE (wan2.2_vae.safetensors, 48 "
