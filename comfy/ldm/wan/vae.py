@@ -433,9 +433,9 @@ def wan_vae_config_from_state_dict(sd: dict, name: str = "<state dict>") -> dict
     (residual stages `encoder.downsamples.N.downsamples.M`) also residual, patch_size and decoder_dim."""
     for key in ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight"):
         if key not in sd:
-            raise ValueError(f"'{name}' looks like a Wan video VAE but has no '{key}': expected the Wan 2.1 / 2.2 "
-                             "VAE layout (encoder.conv1, encoder.downsamples.N, conv1, conv2, decoder.*); the file "
-                             "is truncated or decoder-only")
+            raise ValueError(f"'{name}' looks like a Wan 2.1 video VAE (or the Wan 2.2 one) but has no '{key}': "
+                             "expected the Wan 2.1 / 2.2 VAE layout (encoder.conv1, encoder.downsamples.N, conv1, "
+                             "conv2, decoder.*); the file is truncated or decoder-only")
     z_dim = sd["conv2.weight"].shape[0]
     dim = sd["encoder.conv1.weight"].shape[0]
     if "encoder.downsamples.0.downsamples.0.residual.0.gamma" in sd:
