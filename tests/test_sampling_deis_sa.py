@@ -110,6 +110,13 @@ def test_deis_order_one_is_the_euler_ddim_step(flow):
     torch.testing.assert_close(one, _sample(patcher, ks.sample_euler, sigmas[:2])[0], rtol=1e-6, atol=1e-6)
 
 
+def _error_vs_exact(patcher, exact_end, func, sigmas, **opts):
+    """(sample, largest |sample - exact ODE solution from the same start|) for one sampler run."""
+    out, x_start = _sample(patcher, func, sigmas, **opts)
+    expected = exact_end(x_start.double(), float(sigmas[0])).float()
+    return out, float((out - expected).abs().max())
+
+
 @pytest.mark.parametrize("flow", [True, False], ids=["flow", "eps"])
 def test_deis_follows_the_exact_ode(flow):
     model_sampling = _model_sampling(flow)
@@ -120,9 +127,7 @@ def test_deis_follows_the_exact_ode(flow):
     for name, func, opts in [("euler", ks.sample_euler, {}), ("tab1", deis.sample_deis, {"max_order": 1}),
                              ("tab", deis.sample_deis, {}), ("rhoab", deis.sample_deis, {"deis_mode": "rhoab"}),
                              ("tab4", deis.sample_deis, {"max_order": 4})]:
-        out, x_start = _sample(patcher, func, sigmas, **opts)
-        expected = exact_end(x_start.double(), float(sigmas[0])).float()
-        errors[name] = float((out - expected).abs().max())
+        errors[name] = _error_vs_exact(patcher, exact_end, func, sigmas, **opts)[1]
     for name in ["tab", "rhoab", "tab4"]:
         assert errors[name] < 0.5 * errors["euler"], errors
     assert errors["tab"] < 0.35 * errors["euler"], errors
@@ -176,9 +181,7 @@ def test_sa_solver_ode_mode_is_deterministic_and_exact(flow):
     for name, func, opts in [("euler", ks.sample_euler, {}), ("dpmpp_2m", ks.sample_dpmpp_2m, {}),
                              ("sa", sa_solver.sample_sa_solver, {"tau_func": _no_tau}),
                              ("sa_pece", sa_solver.sample_sa_solver_pece, {"tau_func": _no_tau})]:
-        out, x_start = _sample(patcher, func, sigmas, **opts)
-        expected = exact_end(x_start.double(), float(sigmas[0])).float()
-        errors[name] = float((out - expected).abs().max())
+        out, errors[name] = _error_vs_exact(patcher, exact_end, func, sigmas, **opts)
         if name.startswith("sa"):
             # tau = 0 draws no noise: the seed only enters through the shared initial noise
             calls = []
