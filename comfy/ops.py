@@ -55,28 +55,28 @@ def _layer_weight(layer: torch.nn.Module, x: torch.Tensor):
     return layer.weight, layer.bias
 
 
+def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """x @ w^T + b, then the tanh GELU when `gelu`: in one GEMM on CUDA half precision with a bias (cuBLASLt
+    applies bias and GELU in the matmul's epilogue via `torch._addmm_activation`, so the result is written once
+    instead of written, read and written again by a separate GELU pass); elsewhere the two ops."""
+    if gelu and x.is_cuda and b is not None and x.dtype in (torch.bfloat16, torch.float16):
+        return torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True) \
+            .view(*x.shape[:-1], w.shape[0])
+    out = linear(x, w, b)
+    return F.gelu(out, approximate="tanh") if gelu else out
+
+
 def linear_gelu(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(layer(x)) for a Linear layer, in one GEMM on CUDA: cuBLASLt applies the bias and the
-    tanh-approximated GELU in the matmul's epilogue (`torch._addmm_activation`), so the [L, ffn] result is
-    written once instead of written, read and written again by a separate GELU pass. Elsewhere (CPU,
-    no bias, fp32 on CPU for the tests' bit-exact comparisons) it is the two ops."""
+    """gelu_tanh(layer(x)) for a Linear layer, the GELU fused into the GEMM on CUDA (see `_linear_act`)."""
     w, b = _layer_weight(layer, x)
-    if x.is_cuda and b is not None and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == w.shape[1]:
-        out = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True)
-        return out.view(*x.shape[:-1], w.shape[0])
-    return F.gelu(linear(x, w, b), approximate="tanh")
+    return _linear_act(x, w, b, gelu=True)
 
 
 def linear_rows(layer: torch.nn.Module, x: torch.Tensor, start: int, stop: int, gelu: bool = False) -> torch.Tensor:
     """Output features [start, stop) of a Linear layer (a row slice of its weight: no copy), optionally
     through the tanh GELU fused as in `linear_gelu`."""
     w, b = _layer_weight(layer, x)
-    w, b = w[start:stop], (b[start:stop] if b is not None else None)
-    if gelu and x.is_cuda and b is not None and x.dtype in (torch.bfloat16, torch.float16):
-        return torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True) \
-            .view(*x.shape[:-1], stop - start)
-    out = linear(x, w, b)
-    return F.gelu(out, approximate="tanh") if gelu else out
+    return _linear_act(x, w[start:stop], b[start:stop] if b is not None else None, gelu)
 
 
 def linear_cols(layer: torch.nn.Module, x: torch.Tensor, start: int, stop: int,
