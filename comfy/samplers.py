@@ -34,27 +34,33 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------
 
 
+def _sigma_table(model_sampling) -> torch.Tensor:
+    """The model's sigma table on the CPU: one copy, where reading entries of a table on the GPU one by one
+    would wait for the device once per entry."""
+    return model_sampling.sigmas.detach().cpu()
+
+
 def simple_scheduler(model_sampling, steps):
-    s = model_sampling
+    table = _sigma_table(model_sampling)
     sigs = []
-    ss = len(s.sigmas) / steps
+    ss = len(table) / steps
     for x in range(steps):
-        sigs += [float(s.sigmas[-(1 + int(x * ss))])]
+        sigs += [float(table[-(1 + int(x * ss))])]
     sigs += [0.0]
     return torch.FloatTensor(sigs)
 
 
 def ddim_scheduler(model_sampling, steps):
-    s = model_sampling
+    table = _sigma_table(model_sampling)
     x = 1
-    if math.isclose(float(s.sigmas[x]), 0, abs_tol=0.00001):
+    if math.isclose(float(table[x]), 0, abs_tol=0.00001):
         steps += 1
         sigs = []
     else:
         sigs = [0.0]
-    ss = max(len(s.sigmas) // steps, 1)
-    while x < len(s.sigmas):
-        sigs += [float(s.sigmas[x])]
+    ss = max(len(table) // steps, 1)
+    while x < len(table):
+        sigs += [float(table[x])]
         x += ss
     sigs = sigs[::-1]
     return torch.FloatTensor(sigs)
@@ -81,14 +87,15 @@ def normal_scheduler(model_sampling, steps, sgm=False, floor=False):
 
 def beta_scheduler(model_sampling, steps, alpha=0.6, beta=0.6):
     """Timesteps at the quantiles of a Beta(alpha, beta) distribution (Lee et al. 2024)."""
-    total_timesteps = len(model_sampling.sigmas) - 1
+    table = _sigma_table(model_sampling)
+    total_timesteps = len(table) - 1
     ts = 1 - np.linspace(0, 1, steps, endpoint=False)
     ts = np.rint(scipy.stats.beta.ppf(ts, alpha, beta) * total_timesteps)
     sigs = []
     last_t = -1
     for t in ts:
         if t != last_t:
-            sigs += [float(model_sampling.sigmas[int(t)])]
+            sigs += [float(table[int(t)])]
         last_t = t
     sigs += [0.0]
     return torch.FloatTensor(sigs)
@@ -444,6 +451,24 @@ def _cond_input(entry, x_in, timestep):
     return _CondInput(conds, mult, area, entry.get("uuid"), input_x)
 
 
+# model_options entry (set by CFGGuider for one sampling run) answering calc_cond_batch's free-memory question
+FREE_MEMORY_OPTION = "sampler_free_memory"
+
+
+class FreeMemoryOnce:
+    """The device's free memory, measured at the first batched model call of a sampling run and reused for
+    the run's other steps: a step needs the same memory every time, and the query (cudaMemGetInfo on a GPU)
+    costs host time on every step."""
+
+    def __init__(self):
+        self.value = None
+
+    def __call__(self, device) -> int:
+        if self.value is None:
+            self.value = comfy.model_management.get_free_memory(device)
+        return self.value
+
+
 def calc_cond_batch(model, conds, x_in, timestep, model_options):
     """Model outputs (denoised latents) for each conditioning list in `conds` (None entries give zeros).
 
@@ -466,13 +491,14 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
 
     transformer_options = dict(model_options.get("transformer_options", {}))
     free_memory = None
+    query_free_memory = model_options.get(FREE_MEMORY_OPTION) or comfy.model_management.get_free_memory
     while to_run:
         first = to_run[0][0]
         batch_idx = [j for j, (p, _) in enumerate(to_run)
                      if p.input_x.shape == first.input_x.shape and _can_concat(first.conds, p.conds)]
         if hasattr(model, "memory_required") and len(batch_idx) > 1:
             # keep the batched call within memory (ComfyUI's 1.5 safety factor); one entry always runs
-            free_memory = free_memory or comfy.model_management.get_free_memory(x_in.device)
+            free_memory = free_memory or query_free_memory(x_in.device)
             while len(batch_idx) > 1:
                 shape = [first.input_x.shape[0] * len(batch_idx)] + list(first.input_x.shape[1:])
                 if model.memory_required(shape) * 1.5 < free_memory:
@@ -750,7 +776,8 @@ class CFGGuider:
             latent_image = self.inner_model.process_latent_in(latent_image)
         self.conds = process_conds(self.inner_model, noise, self.conds, device, latent_image, denoise_mask, seed,
                                    model_sampling=self.model_sampling)
-        extra_args = {"model_options": self.model_options, "seed": seed}
+        # a shallow copy: the same entries for every hook, plus this run's free-memory answer
+        extra_args = {"model_options": {**self.model_options, FREE_MEMORY_OPTION: FreeMemoryOnce()}, "seed": seed}
         samples = sampler.sample(self, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
                                  disable_pbar)
         return self.inner_model.process_latent_out(samples.to(torch.float32))

@@ -103,7 +103,8 @@ class DifferentialMask:
     def __call__(self, sigma: torch.Tensor, denoise_mask: torch.Tensor, extra_options: dict) -> torch.Tensor:
         ms = extra_options["model"].inner_model.model_sampling
         sigmas = extra_options["sigmas"]
-        sigma_end = sigmas[-1] if sigmas[-1] > ms.sigma_min else ms.sigma_min
+        # the larger of the two, picked on the device: a Python `if` here would wait for the GPU every step
+        sigma_end = torch.where(sigmas[-1] > ms.sigma_min, sigmas[-1], ms.sigma_min)
         ts_start, ts_end = ms.timestep(sigmas[0]), ms.timestep(sigma_end)
         threshold = (ms.timestep(sigma[0]) - ts_end) / (ts_start - ts_end)
         binary = (denoise_mask >= threshold).to(denoise_mask.dtype)

@@ -11,6 +11,11 @@ LCM; iPNDM) with ComfyUI's conventions, which matter for bit-compatible results:
   (`_gpu` variants build it on x's device);
 * for rectified-flow models (CONST) the ancestral samplers switch to their RF forms, and the SDE samplers
   work in half-log-SNR of the flow parameterisation.
+
+On a GPU, a Python `if` on a device tensor (`if sigmas[i + 1] == 0:`) makes the host wait until the device
+has finished all queued work, which exposes the host's per-step overhead. The step loops therefore take
+their decisions from a CPU copy of the schedule made once per run (`_host_copy`), and the latent's
+arithmetic keeps using `sigmas` as given, so the results are the same bits either way.
 """
 
 from __future__ import annotations
@@ -64,9 +69,26 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
     """Split a step into a deterministic part down to sigma_down and fresh noise of size sigma_up."""
     if not eta:
         return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_up = eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5
+    if isinstance(sigma_to, torch.Tensor) and isinstance(sigma_up, torch.Tensor):
+        # min(sigma_to, sigma_up) without reading device values back: the same pick (sigma_to unless
+        # sigma_up is smaller), made on the device
+        sigma_up = torch.where(sigma_up < sigma_to, sigma_up, sigma_to)
+    else:
+        sigma_up = min(sigma_to, sigma_up)
     sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
     return sigma_down, sigma_up
+
+
+def _host_copy(sigmas):
+    """The schedule on the CPU, copied once per run, for the step loop's Python decisions.
+
+    Comparing a device tensor in an `if` would make every step wait for the device. Decisions on derived
+    values (an ancestral step's sigma_down) apply the same float32 operations to this copy as the device
+    applies to `sigmas` (+, -, *, / and square roots, correctly rounded on both), so each branch goes the
+    way the device values would send it.
+    """
+    return sigmas.detach().cpu()
 
 
 def default_noise_sampler(x, seed=None):
@@ -181,16 +203,22 @@ def offset_first_sigma_for_snr(sigmas, model_sampling, percent_offset=1e-4):
     return sigmas
 
 
-def _churn(sigmas, i, s_churn, s_tmin, s_tmax):
-    if s_churn > 0 and s_tmin <= sigmas[i] <= s_tmax:
-        return min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1)
+def _churn(host_sigmas, i, s_churn, s_tmin, s_tmax):
+    """Karras' gamma for step i; `host_sigmas` (see `_host_copy`) is only read when s_churn > 0."""
+    if s_churn > 0 and s_tmin <= host_sigmas[i] <= s_tmax:
+        return min(s_churn / (len(host_sigmas) - 1), 2 ** 0.5 - 1)
     return 0.0
 
 
-def _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise):
+def _churn_host_copy(sigmas, s_churn):
+    return _host_copy(sigmas) if s_churn > 0 else None  # without churn no step compares a sigma
+
+
+def _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback, s_churn, s_tmin, s_tmax, s_noise,
+                        host_sigmas):
     """Start of a Karras-style step: optionally raise sigma to sigma_hat with fresh noise ("churn"), then
     denoise there. Returns (x, sigma_hat, denoised, d = dx/dsigma) and reports the step to `callback`."""
-    gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
+    gamma = _churn(host_sigmas, i, s_churn, s_tmin, s_tmax)
     sigma_hat = sigmas[i] * (gamma + 1)
     if gamma > 0:
         eps = torch.randn_like(x) * s_noise
@@ -225,9 +253,10 @@ def _cb(callback, x, i, sigma, sigma_hat, denoised):
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                  s_tmax=float("inf"), s_noise=1.0):
     extra_args, _, s_in = _prepare(x, extra_args, noise=False)
+    hs = _churn_host_copy(sigmas, s_churn)
     for i in trange(len(sigmas) - 1, disable=disable):
         x, sigma_hat, denoised, d = _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback,
-                                                        s_churn, s_tmin, s_tmax, s_noise)
+                                                        s_churn, s_tmin, s_tmax, s_noise, hs)
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
 
@@ -239,11 +268,12 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         return sample_euler_ancestral_RF(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
                                          noise_sampler)
     extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
-        if sigma_down == 0:
+        if get_ancestral_step(hs[i], hs[i + 1], eta=eta)[0] == 0:
             x = denoised
         else:
             d = to_d(x, sigmas[i], denoised)
@@ -256,10 +286,11 @@ def sample_euler_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, 
                               s_noise=1.0, noise_sampler=None):
     """Ancestral Euler for rectified flow: step to sigma_down along the straight path, then re-noise."""
     extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
+        if hs[i + 1] == 0:
             x = denoised
         else:
             sigma_down, alpha_ratio, renoise_coeff = _rf_ancestral(sigmas[i], sigmas[i + 1], eta)
@@ -274,11 +305,12 @@ def sample_euler_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, 
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                 s_tmax=float("inf"), s_noise=1.0):
     extra_args, _, s_in = _prepare(x, extra_args, noise=False)
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         x, sigma_hat, denoised, d = _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback,
-                                                        s_churn, s_tmin, s_tmax, s_noise)
+                                                        s_churn, s_tmin, s_tmax, s_noise, hs)
         dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
+        if hs[i + 1] == 0:
             x = x + d * dt  # the corrector would evaluate the model at sigma 0
         else:
             x_2 = x + d * dt
@@ -292,10 +324,11 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                  s_tmax=float("inf"), s_noise=1.0):
     extra_args, _, s_in = _prepare(x, extra_args, noise=False)
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         x, sigma_hat, denoised, d = _churned_step_start(model, x, sigmas, i, s_in, extra_args, callback,
-                                                        s_churn, s_tmin, s_tmax, s_noise)
-        if sigmas[i + 1] == 0:
+                                                        s_churn, s_tmin, s_tmax, s_noise, hs)
+        if hs[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)
         else:
             sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
@@ -313,12 +346,13 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         return sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
                                          noise_sampler)
     extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
         d = to_d(x, sigmas[i], denoised)
-        if sigma_down == 0:
+        if get_ancestral_step(hs[i], hs[i + 1], eta=eta)[0] == 0:
             x = x + d * (sigma_down - sigmas[i])
         else:
             sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
@@ -334,12 +368,13 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 def sample_dpm_2_ancestral_RF(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
                               s_noise=1.0, noise_sampler=None):
     extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, alpha_ratio, renoise_coeff = _rf_ancestral(sigmas[i], sigmas[i + 1], eta)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
         d = to_d(x, sigmas[i], denoised)
-        if sigma_down == 0:
+        if _rf_ancestral(hs[i], hs[i + 1], eta)[0] == 0:
             x = x + d * (sigma_down - sigmas[i])
         else:
             sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
@@ -399,11 +434,12 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     def t_fn(sigma):
         return sigma.log().neg()
 
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
-        if sigma_down == 0:
+        if get_ancestral_step(hs[i], hs[i + 1], eta=eta)[0] == 0:
             d = to_d(x, sigmas[i], denoised)
             x = x + d * (sigma_down - sigmas[i])
         else:
@@ -414,7 +450,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
             x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-h * r).expm1() * denoised
             denoised_2 = model(x_2, sigma_fn(s) * s_in, **extra_args)
             x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_2
-        if sigmas[i + 1] > 0:
+        if hs[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
@@ -430,15 +466,16 @@ def sample_dpmpp_2s_ancestral_RF(model, x, sigmas, extra_args=None, callback=Non
     def lambda_fn(sigma):
         return ((1 - sigma) / sigma).log()
 
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, alpha_ratio, renoise_coeff = _rf_ancestral(sigmas[i], sigmas[i + 1], eta)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
+        if hs[i + 1] == 0:
             d = to_d(x, sigmas[i], denoised)
             x = x + d * (sigma_down - sigmas[i])
         else:
-            if sigmas[i] == 1.0:
+            if hs[i] == 1.0:
                 sigma_s = 0.9999  # lambda(1.0) is -inf
             else:
                 t_i, t_down = lambda_fn(sigmas[i]), lambda_fn(sigma_down)
@@ -525,12 +562,13 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         return sigma.log().neg()
 
     old_denoised = None
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
         t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
         h = t_next - t
-        if old_denoised is None or sigmas[i + 1] == 0:
+        if old_denoised is None or hs[i + 1] == 0:
             x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
         else:
             h_last = t - t_fn(sigmas[i - 1])
@@ -665,12 +703,12 @@ def sample_dpmpp_3m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, di
     return sample_dpmpp_3m_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler)
 
 
-def _ddpm_step(x, sigma, sigma_prev, noise, noise_sampler):
+def _ddpm_step(x, sigma, sigma_prev, noise, noise_sampler, renoise):
     alpha_cumprod = 1 / ((sigma * sigma) + 1)
     alpha_cumprod_prev = 1 / ((sigma_prev * sigma_prev) + 1)
     alpha = alpha_cumprod / alpha_cumprod_prev
     mu = (1.0 / alpha).sqrt() * (x - (1 - alpha) * noise / (1 - alpha_cumprod).sqrt())
-    if sigma_prev > 0:
+    if renoise:  # sigma_prev > 0
         mu = mu + ((1 - alpha) * (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)).sqrt() * noise_sampler(
             sigma, sigma_prev)
     return mu
@@ -680,12 +718,13 @@ def _ddpm_step(x, sigma, sigma_prev, noise, noise_sampler):
 def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
     """Ancestral DDPM posterior sampling, done in VP space (x / sqrt(1 + sigma^2))."""
     extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
         x = _ddpm_step(x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1],
-                       (x - denoised) / sigmas[i], noise_sampler)
-        if sigmas[i + 1] != 0:
+                       (x - denoised) / sigmas[i], noise_sampler, renoise=bool(hs[i + 1] > 0))
+        if hs[i + 1] != 0:
             x = x * torch.sqrt(1.0 + sigmas[i + 1] ** 2.0)
     return x
 
@@ -695,11 +734,12 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     """Consistency sampling: jump to the prediction, re-noise it to the next sigma with the model's scaling."""
     extra_args, noise_sampler, s_in = _prepare(x, extra_args, noise_sampler)
     model_sampling = model_sampling_of(model)
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
         x = denoised
-        if sigmas[i + 1] > 0:
+        if hs[i + 1] > 0:
             noise = noise_sampler(sigmas[i], sigmas[i + 1])
             if model_sampling is not None:
                 x = model_sampling.noise_scaling(sigmas[i + 1], noise, x)
@@ -776,11 +816,12 @@ def sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=No
     s_noise = s_noise * _noise_scale(model_sampling)
     tap = _UncondTap(extra_args)
     s_in = x.new_ones([x.shape[0]])
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
         _cb(callback, x, i, sigma, sigma, denoised)
-        if sigma_next == 0:
+        if hs[i + 1] == 0:
             x = denoised
             continue
         # alpha = sigma * exp(lambda): 1 for VE models, 1 - sigma for rectified flow
@@ -815,6 +856,7 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback
     s_noise = s_noise * _noise_scale(model_sampling_of(model))
     tap = _UncondTap(extra_args)
     s_in = x.new_ones([x.shape[0]])
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = sigmas[i]
         denoised = model(x, sigma * s_in, **extra_args)
@@ -822,7 +864,7 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback
         guidance = denoised - uncond
         sigma_down, sigma_up = get_ancestral_step(sigma, sigmas[i + 1], eta=eta)
         _cb(callback, x, i, sigma, sigma, denoised)
-        if sigma_down == 0:
+        if get_ancestral_step(hs[i], hs[i + 1], eta=eta)[0] == 0:
             x = x + to_d(x, sigma, uncond) * (sigma_down - sigma)
         else:
             # in lambda = -log(sigma): midpoint evaluation, then the full exponential step
@@ -831,7 +873,7 @@ def sample_dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback
             x_mid = (sigma_mid / sigma) * x - (-0.5 * h).expm1() * uncond
             model(x_mid, sigma_mid * s_in, **extra_args)  # only its unconditional part is used
             x = (sigma_down / sigma) * x - (-h).expm1() * tap.latest
-        if sigmas[i + 1] > 0:
+        if hs[i + 1] > 0:
             x = x + noise_sampler(sigma, sigmas[i + 1]) * s_noise * sigma_up
         x = x + guidance  # VE: alpha = 1
     return x
@@ -850,6 +892,7 @@ def sample_dpmpp_2s_ancestral_RF_cfg_pp(model, x, sigmas, extra_args=None, callb
     def flow_lambda(sig):
         return ((1 - sig) / sig).log()
 
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
@@ -857,11 +900,11 @@ def sample_dpmpp_2s_ancestral_RF_cfg_pp(model, x, sigmas, extra_args=None, callb
         guidance = denoised - uncond
         sigma_down, alpha_ratio, renoise_coeff = _rf_ancestral(sigma, sigma_next, eta)
         _cb(callback, x, i, sigma, sigma, denoised)
-        if sigma_next == 0:
+        if hs[i + 1] == 0:
             x = x + to_d(x, sigma, uncond) * (sigma_down - sigma)
         else:
-            if sigma == 1.0:
-                sigma_mid = torch.as_tensor(0.9999, dtype=sigma.dtype, device=sigma.device)  # lambda(1) = -inf
+            if hs[i] == 1.0:
+                sigma_mid = sigma.new_full((), 0.9999)  # lambda(1) = -inf; filled on the device, not copied
             else:
                 lam, lam_down = flow_lambda(sigma), flow_lambda(sigma_down)
                 sigma_mid = torch.sigmoid(-(lam + 0.5 * (lam_down - lam)))
@@ -869,7 +912,7 @@ def sample_dpmpp_2s_ancestral_RF_cfg_pp(model, x, sigmas, extra_args=None, callb
             model(ratio_mid * x + (1 - ratio_mid) * uncond, sigma_mid * s_in, **extra_args)
             ratio_down = sigma_down / sigma
             x = ratio_down * x + (1 - ratio_down) * tap.latest
-        if sigma_next > 0 and eta > 0:
+        if hs[i + 1] > 0 and eta > 0:
             x = alpha_ratio * x + noise_sampler(sigma, sigma_next) * s_noise * renoise_coeff
         x = x + (1 - sigma_next) * guidance
     return x
@@ -883,13 +926,14 @@ def sample_dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback=None, dis
     tap = _UncondTap(extra_args)
     s_in = x.new_ones([x.shape[0]])
     prev_uncond = None
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
         uncond = tap.latest
         h = sigmas[i].log() - sigmas[i + 1].log()  # lambda step; inf on the final step to sigma 0
         decay = torch.exp(-h)
-        if prev_uncond is None or sigmas[i + 1] == 0:
+        if prev_uncond is None or hs[i + 1] == 0:
             correction = 0.0
         else:
             h_prev = sigmas[i - 1].log() - sigmas[i].log()
@@ -923,13 +967,14 @@ def _res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=Non
     tap = _UncondTap(extra_args) if cfg_pp else None
     s_in = x.new_ones([x.shape[0]])
     prev_x0, prev_sigma_down = None, None
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = sigmas[i]
         denoised = model(x, sigma * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sigma, sigmas[i + 1], eta=eta)
         _cb(callback, x, i, sigma, sigma, denoised)
         x0 = tap.latest if cfg_pp else denoised  # the prediction the solver integrates
-        if sigma_down == 0 or prev_x0 is None:
+        if get_ancestral_step(hs[i], hs[i + 1], eta=eta)[0] == 0 or prev_x0 is None:
             if cfg_pp:
                 x = denoised + to_d(x, sigma, x0) * sigma_down
             else:
@@ -945,7 +990,7 @@ def _res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=Non
             if cfg_pp:
                 x = x + (denoised - x0)
             x = torch.exp(-h) * x + h * (b1 * x0 + b2 * prev_x0)
-        if sigmas[i + 1] > 0:
+        if hs[i + 1] > 0:
             x = x + noise_sampler(sigma, sigmas[i + 1]) * s_noise * sigma_up
         prev_x0, prev_sigma_down = x0, sigma_down
     return x
@@ -992,13 +1037,14 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
     tap = _UncondTap(extra_args) if cfg_pp else None
     s_in = x.new_ones([x.shape[0]])
     prev_d = None
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
         d = to_d(x, sigma, tap.latest if cfg_pp else denoised)
         _cb(callback, x, i, sigma, sigma, denoised)
         dt = sigma_next - sigma
-        if sigma_next == 0:
+        if hs[i + 1] == 0:
             x = denoised
         else:
             x = denoised + d * sigma_next if cfg_pp else x + d * dt
@@ -1026,9 +1072,10 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """Heun++: the slope is a sigma-weighted blend of the derivatives at the current point and one or two
     Euler look-aheads (weights sigma_j / (k * sigma_0)); the last step is plain Euler."""
     extra_args, _, s_in = _prepare(x, extra_args, noise=False)
-    last = sigmas[-1]
+    hs = _host_copy(sigmas)
+    last = hs[-1]
     for i in trange(len(sigmas) - 1, disable=disable):
-        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
+        gamma = _churn(hs, i, s_churn, s_tmin, s_tmax)
         sigma_hat = sigmas[i] * (gamma + 1)
         if gamma > 0:
             x = x + torch.randn_like(x) * s_noise * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
@@ -1036,12 +1083,12 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
         d = to_d(x, sigma_hat, denoised)
         _cb(callback, x, i, sigmas[i], sigma_hat, denoised)
         dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == last:
+        if hs[i + 1] == last:
             x = x + d * dt
             continue
         x_a = x + d * dt
         d_a = to_d(x_a, sigmas[i + 1], model(x_a, sigmas[i + 1] * s_in, **extra_args))
-        if sigmas[i + 2] == last:
+        if hs[i + 2] == last:
             w_a = sigmas[i + 1] / (2 * sigmas[0])
             slope = (1 - w_a) * d + w_a * d_a
         else:
@@ -1090,12 +1137,13 @@ def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=Non
     sigma spacing (equal spacing gives ipndm's constant 3/2, 23/12, 55/24 weights)."""
     extra_args, _, s_in = _prepare(x, extra_args, noise=False)
     history = []  # past derivatives, newest first
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
         _cb(callback, x, i, sigma, sigma, denoised)
         d = (x - denoised) / sigma
-        if sigma_next == 0:
+        if hs[i + 1] == 0:
             x = denoised
         else:
             order = min(max_order, i + 1)
@@ -1144,11 +1192,12 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
     sigmas = offset_first_sigma_for_snr(sigmas, model_sampling)
     ratios = sigma_to_half_log_snr(sigmas, model_sampling).neg().exp()  # sigma / alpha
     prev_x0, prev_slope = None, None
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _cb(callback, x, i, sigmas[i], sigmas[i], denoised)
         stage = min(max_stage, i + 1)
-        if sigmas[i + 1] == 0:
+        if hs[i + 1] == 0:
             x = denoised
         else:
             r_s, r_t = ratios[i], ratios[i + 1]
@@ -1196,11 +1245,12 @@ def _seeds_solver(model, x, sigmas, extra_args, callback, disable, noise_sampler
     noisy = eta > 0 and s_noise > 0
     sigmas = offset_first_sigma_for_snr(sigmas, model_sampling)
     s_in = x.new_ones([x.shape[0]])
+    hs = _host_copy(sigmas)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = [model(x, sigma * s_in, **extra_args)]
         _cb(callback, x, i, sigma, sigma, denoised[0])
-        if sigma_next == 0:
+        if hs[i + 1] == 0:
             x = denoised[0]
             continue
         lam_s, lam_t = lambda_fn(sigma), lambda_fn(sigma_next)

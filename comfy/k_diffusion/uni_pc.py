@@ -4,6 +4,10 @@ Runs as ComfyUI runs it: the VE latent is mapped to VP space (x / sqrt(1 + sigma
 alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma/sqrt(1+sigma^2), lambda = -log(sigma); data prediction
 (predict_x0), order min(3, steps - 1) with lower orders on the last steps, and a final sigma of 0
 replaced by 0.001 (lambda must stay finite). Flow models go through the same mapping, as in ComfyUI.
+
+No step reads a device value back: small constants are filled on the device rather than copied from the
+host, and the order-2/3 coefficient systems are solved with `torch.linalg.solve_ex` (the same solver
+without the singular-matrix check, which waits for the device every call).
 """
 
 from __future__ import annotations
@@ -85,10 +89,10 @@ class UniPC:
         b = torch.stack([torch.as_tensor(v, device=x.device) for v in b])
 
         if d1s:
-            rhos_p = torch.tensor([0.5], device=x.device) if order == 2 else \
-                torch.linalg.solve(r_mat[:-1, :-1], b[:-1])
+            rhos_p = torch.full((1,), 0.5, device=x.device) if order == 2 else \
+                torch.linalg.solve_ex(r_mat[:-1, :-1], b[:-1])[0]
         if use_corrector:
-            rhos_c = torch.tensor([0.5], device=x.device) if order == 1 else torch.linalg.solve(r_mat, b)
+            rhos_c = torch.full((1,), 0.5, device=x.device) if order == 1 else torch.linalg.solve_ex(r_mat, b)[0]
 
         x_t_ = sigma_t / sigma_prev_0 * x - alpha_t * h_phi_1 * model_prev_0
         pred_res = _weighted(rhos_p, d1s) if d1s else 0
@@ -130,7 +134,7 @@ class UniPC:
 def sample_unipc(model, noise, sigmas, extra_args=None, callback=None, disable=False, variant="bh1"):
     extra_args = {} if extra_args is None else extra_args
     timesteps = sigmas.clone()
-    if sigmas[-1] == 0:
+    if sigmas[-1] == 0:  # the run's one read of a device value, before the first step
         timesteps[-1] = 0.001
     x = noise / torch.sqrt(1.0 + timesteps[0] ** 2.0)
     order = min(3, len(timesteps) - 2)

@@ -43,7 +43,8 @@ class TokenSplit:
         return self.padded // self.degree
 
     def keep(self, device=None) -> torch.Tensor:
-        """bool [degree, chunk]: True where a rank's chunk holds a real token."""
+        """bool [degree, chunk]: True where a rank's chunk holds a real token. Built where it is used (a
+        fill on the device, not a host-to-device copy, which would make the forward wait for the GPU)."""
         k = torch.zeros(self.padded, dtype=torch.bool, device=device)
         k[: self.length] = True
         return k.reshape(self.degree, self.chunk)
@@ -126,7 +127,7 @@ def flux_forward_orig(mesh: ParallelMesh):
         txt_l = s_txt.local(txt, r, 1)
         pe_l = torch.cat((s_txt.local(pe[:, :, :txt_len], r, 2), s_img.local(pe[:, :, txt_len:], r, 2)), dim=2)
         padded = s_txt.padded != s_txt.length or s_img.padded != s_img.length
-        keep = torch.cat((s_txt.keep(), s_img.keep()), dim=1).reshape(-1).to(img.device) if padded else None
+        keep = torch.cat((s_txt.keep(img.device), s_img.keep(img.device)), dim=1).reshape(-1) if padded else None
         opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
         control = _split_control(control, s_img, r)
         img_l, txt_l = model.run_double_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts, control)
@@ -153,7 +154,7 @@ def wan_forward_orig(mesh: ParallelMesh):
         r = sp.rank_in_group
         tokens_l = split.local(tokens, r, 1)
         freqs_l = split.local(freqs, r, 1)
-        keep = split.keep().reshape(-1).to(x.device) if split.padded != split.length else None
+        keep = split.keep(x.device).reshape(-1) if split.padded != split.length else None
         opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
         if e0.ndim == 4 and e0.shape[1] > 1:
             # one time modulation per latent frame (Wan 2.2 TI2V): a rank's chunk need not start or end on
@@ -180,7 +181,7 @@ def mmdit_forward_orig(mesh: ParallelMesh):
         x, context, c = model.embed(x, timesteps, context, y)
         s_img = TokenSplit(x.shape[1], sp.size)
         x_l = s_img.local(x, r, 1)
-        img_keep = s_img.keep().reshape(-1).to(x.device) if s_img.padded != s_img.length else None
+        img_keep = s_img.keep(x.device).reshape(-1) if s_img.padded != s_img.length else None
         keep = {s_img.chunk: img_keep}
         ctx_l = None
         if context is not None:
@@ -188,7 +189,7 @@ def mmdit_forward_orig(mesh: ParallelMesh):
             ctx_l = s_txt.local(context, r, 1)
             padded = img_keep is not None or s_txt.padded != s_txt.length
             keep[s_txt.chunk + s_img.chunk] = \
-                torch.cat((s_txt.keep(), s_img.keep()), dim=1).reshape(-1).to(x.device) if padded else None
+                torch.cat((s_txt.keep(x.device), s_img.keep(x.device)), dim=1).reshape(-1) if padded else None
         opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
         if isinstance(control, dict) and control.get("output") is not None:
             control = dict(control)
@@ -205,7 +206,7 @@ def _run_split(mesh: ParallelMesh, model, x, run, transformer_options):
     sp = mesh.sp
     r = sp.rank_in_group
     split = TokenSplit(x.shape[1], sp.size)
-    keep = split.keep().reshape(-1).to(x.device) if split.padded != split.length else None
+    keep = split.keep(x.device).reshape(-1) if split.padded != split.length else None
     opts = dict(transformer_options or {})
     opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
     return gather_tokens(run(split.local(x, r, 1), split, r, opts), sp, split, dim=1)
