@@ -12,8 +12,8 @@ milliseconds of a multi-second run and needs tokenizer files these machines cann
 is left out: each rank runs execution.PromptExecutor on the same prompt with the real Lockstep agreement
 points, exactly what the follower loop does after rank 0 hands it the prompt.
 
-Rank 0 appends a JSON line per run to --out with the median step time (CUDA-synchronised between
-sampler steps), the end-to-end time (execute() start -> PNG on disk) and, if --reference names a 1-GPU
+Rank 0 appends a JSON line per run to --out with the median step time (CUDA events recorded at each sampler
+step's progress callback, without synchronising, so the host runs ahead as it does in service), the end-to-end time (execute() start -> PNG on disk) and, if --reference names a 1-GPU
 PNG, the largest 8-bit pixel difference to it.
 """
 
@@ -198,14 +198,25 @@ def main() -> None:
         server = FollowerServer()
         model_wrapper.set_runtime(ParallelConfig(world_size=1, optimization={"use_cuda_graph": graph_setting}))
 
-    # step timing: the sampler's ProgressBar passes every step through the global hook
-    stamps: list[float] = []
+    # step timing: the sampler's ProgressBar passes every step through the global hook, which records a CUDA
+    # event there (no synchronisation: the host runs ahead as it does without the benchmark); on CPUs the
+    # host clock
+    stamps: list = []
     inner_setter = comfy.utils.set_progress_bar_global_hook
+
+    def mark():
+        if torch.cuda.is_available():
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(a, b) -> float:
+        return a.elapsed_time(b) / 1000 if torch.cuda.is_available() else b - a
 
     def timing_hook(inner):
         def hook(value, total, preview=None, node_id=None):
-            _sync()
-            stamps.append(time.perf_counter())
+            stamps.append(mark())
             if inner is not None:
                 return inner(value, total, preview, node_id)
         return hook
@@ -252,13 +263,15 @@ def main() -> None:
             lockstep.begin(f"bench-{run}")
         _sync()
         t0 = time.perf_counter()
+        start = mark()
         ex.execute(pr, f"bench-{run}", {}, ["8"])
         if lockstep is not None:
             lockstep.finish(ex.success)
+        _sync()
         t1 = time.perf_counter()
         if not ex.success:
             raise SystemExit(f"rank {rank}: prompt failed: {ex.status_messages[-1]}")
-        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+        steps = [seconds(a, b) for a, b in zip(stamps, stamps[1:])]
         img = ex.history_result["outputs"]["8"]["images"][0]
         png = os.path.join(folder_paths.get_output_directory(), img["subfolder"], img["filename"])
         plan = model_wrapper.last_plan()
@@ -272,9 +285,9 @@ def main() -> None:
             # phases: before the first step (loaders, text, noise, plan), the steps, after the last step
             # (VAE decode, image to CPU, PNG written); the first step's time is estimated by the median
             step = statistics.median(steps)
-            record.update(pre_sampling_s=round(stamps[0] - step - t0, 3),
-                          sampling_s=round(stamps[-1] - stamps[0] + step, 3),
-                          post_sampling_s=round(t1 - stamps[-1], 3))
+            first, last = seconds(start, stamps[0]), seconds(start, stamps[-1])
+            record.update(pre_sampling_s=round(first - step, 3), sampling_s=round(last - first + step, 3),
+                          post_sampling_s=round(t1 - t0 - last, 3))
         record.update({k: round(v, 3) for k, v in phases.items()})
         from comfy.ldm.modules.attention import attention_backend
 

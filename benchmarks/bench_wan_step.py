@@ -4,6 +4,11 @@ sequence parallel on N GPUs with the output checked against one GPU.
 
 One GPU:  python benchmarks/bench_wan_step.py [--graph] [--diffusers]
 N GPUs:   torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --configs u4 u2r2 [--graph]
+With guidance (--cfg): one denoising step evaluates the positive and the negative prompt, as a Wan workflow
+at cfg != 1 does. One GPU runs them as one batch of 2 (ComfyUI's calc_cond_batch) and as two batches of 1;
+N GPUs add configs "c2uN" (CFG parallel 2: each half of the ranks runs one prompt under Ulysses N, then the
+CFG pair all-gathers, as the sampler's CFG-parallel hook does) next to "uN" on the batch of 2:
+          torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 u4
 Smoke test on a CPU: python benchmarks/bench_wan_step.py --tiny --diffusers --device cpu
 
 Timing and output format as benchmarks/bench_flux_step.py (whose helpers this reuses).
@@ -47,12 +52,21 @@ TINY = dict(model_type="t2v", dim=256, ffn_dim=512, freq_dim=256, text_dim=64, i
             num_heads=2, num_layers=2)
 
 
-def inputs(cfg, latent_thw, device, dtype, seed=1):
+def inputs(cfg, latent_thw, device, dtype, seed=1, batch=1):
+    """Latent, timestep and text context; batch 2 = [positive, negative] of one guided step (the latent and
+    timestep repeated, two different contexts)."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(1, 16, *latent_thw, device=device, dtype=dtype, generator=g)
-    ctx = torch.randn(1, 512, cfg["text_dim"], device=device, dtype=dtype, generator=g)
+    ctx = torch.randn(batch, 512, cfg["text_dim"], device=device, dtype=dtype, generator=g)
     t = torch.full((1,), 700.0, device=device, dtype=dtype)
-    return x, t, ctx
+    return x.expand(batch, *x.shape[1:]).contiguous(), t.expand(batch).contiguous(), ctx
+
+
+def parse_wan_config(name: str) -> tuple[int, int, int]:
+    """(cfg, ulysses, ring) of a config name: an optional "c2" in front of bench_flux_step's uN / rN / uNrM."""
+    cfg = 2 if name.startswith("c2") else 1
+    u, r = parse_config(name[2:] if cfg == 2 else name)
+    return cfg, u, r
 
 
 def diffusers_wan(cfg, device, dtype):
@@ -76,6 +90,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--configs", nargs="*", default=[])
     p.add_argument("--graph", action="store_true")
+    p.add_argument("--cfg", action="store_true", help="a guided step: positive + negative (see the docstring)")
     p.add_argument("--diffusers", action="store_true")
     p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "cudnn"],
                    help="attention kernels to time ours with (default: the automatic choice; N GPUs: the first)")
@@ -118,9 +133,10 @@ def main() -> None:
         torch.manual_seed(0)  # identical weights on every rank
         for q in model.parameters():
             torch.nn.init.normal_(q, std=0.02)
-    x, t, ctx = inputs(cfg, latent, dev, dtype)
+    x, t, ctx = inputs(cfg, latent, dev, dtype, batch=2 if args.cfg else 1)
     name = "card" if on_gpu else "cpu"
     where = card() if on_gpu else name
+    guided = {"cfg_step": True} if args.cfg else {}
     with torch.inference_mode():
         if world == 1:
             first = None
@@ -131,12 +147,18 @@ def main() -> None:
                 extra = {} if first is None else {"rel_l2_vs_first_attention": rel_l2(out, first)}
                 first = out if first is None else first
                 emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager", "attention": backend, "fused": fused_label(),
-                                "gpus": 1, "step_ms": round(ms, 2), "card": where, **extra})
+                                "gpus": 1, "step_ms": round(ms, 2), "card": where, **guided, **extra})
+                if args.cfg:  # the guided pair as two batches of 1 (the faster of the two is the baseline)
+                    ms = timed(lambda: [model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1]) for i in range(2)])
+                    emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "eager_two_batches",
+                                    "attention": backend, "fused": fused_label(), "gpus": 1, "step_ms": round(ms, 2),
+                                    "card": where, **guided})
                 if args.graph and on_gpu:
                     graphed = CUDAGraphCallable(lambda a, b, c: model(a, b, c))
                     ms = timed(lambda: graphed(x, t, ctx))
                     emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": "cuda_graph",
-                                    "attention": backend, "fused": fused_label(), "gpus": 1, "step_ms": round(ms, 2), "card": where})
+                                    "attention": backend, "fused": fused_label(), "gpus": 1, "step_ms": round(ms, 2),
+                                    "card": where, **guided})
                     del graphed
             set_attention_backend(None)
             first = out = None
@@ -152,20 +174,25 @@ def main() -> None:
                         ms = timed(lambda: ref(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
                                                return_dict=False))
                     emit(args.out, {"impl": "diffusers", "model": "wan2.1-t2v-14b", "mode": "eager", "attention": name,
-                                    "gpus": 1, "step_ms": round(ms, 2), "card": where})
+                                    "gpus": 1, "step_ms": round(ms, 2), "card": where, **guided})
             return
         backend = attention_backends(args.attention if on_gpu else ["sdpa"])[0]
         use_variant(backend, args.fused[0])
         reference = model(x, t, ctx) if dist.get_rank() == 0 else None
         for name in args.configs:
-            u, r = parse_config(name)
-            if u * r != world:
+            c, u, r = parse_wan_config(name)
+            if c * u * r != world or (c == 2 and not args.cfg):
                 continue
-            mesh = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl" if on_gpu else "gloo")
+            mesh = ParallelMesh(MeshDims(world_size=world, cfg=c, ulysses=u, ring=r),
+                                backend="nccl" if on_gpu else "gloo")
             model.forward_orig = wan_forward_orig(mesh).__get__(model, WanModel)
+            # CFG parallel: this rank's half of the pair, then the pair's all-gather (the sampler hook's work)
+            mine = slice(mesh.cfg.rank_in_group, mesh.cfg.rank_in_group + 1) if c == 2 else slice(None)
+            xs, ts, cs = x[mine], t[mine], ctx[mine]
             for mode in ["eager"] + (["cuda_graph"] if args.graph else []):
-                fn = (lambda: model(x, t, ctx)) if mode == "eager" else \
-                    (lambda g=CUDAGraphCallable(lambda a, b, c: model(a, b, c)): g(x, t, ctx))
+                run = (lambda: model(xs, ts, cs)) if mode == "eager" else \
+                    (lambda g=CUDAGraphCallable(lambda a, b, c: model(a, b, c)): g(xs, ts, cs))
+                fn = (lambda run=run: mesh.cfg.all_gather(run(), dim=0)) if c == 2 else run
                 out = fn()
                 ms = timed(fn)
                 if dist.get_rank() == 0:
@@ -174,7 +201,7 @@ def main() -> None:
                                     "attention": backend, "fused": fused_label(), "config": name, "step_ms": round(ms, 2),
                                     "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
                                     "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
-                                    "card": where})
+                                    "card": where, **guided})
             del model.forward_orig
     dist.destroy_process_group()
 

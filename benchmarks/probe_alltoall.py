@@ -8,8 +8,9 @@ process group, so run once per setting:
 
 `--transport symm`: every rank writes its blocks straight into the peers' receive buffers over NVLink
 (torch's symmetric memory: buffers mapped into every rank's address space, one multi-tensor copy kernel,
-then a device-side barrier), double-buffered so one barrier per exchange suffices. Its result is checked
-against NCCL's before it is timed. This is a probe for a faster Ulysses transport; nothing uses it yet.
+then a device-side barrier), double-buffered so one barrier per exchange suffices. `--transport symm_ce`:
+the same, but each block goes by its own device-to-device memcpy (the GPUs' copy engines, leaving the SMs to
+compute). Results are checked against NCCL's before they are timed.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import torch
 import torch.distributed as dist
 
 # (name, bytes each rank holds): Ulysses' q/k/v exchange per attention call
-SIZES = {"flux1024_u4_qkv": 1152 * 9216 * 2, "flux1024_u2_qkv": 2304 * 9216 * 2,
+SIZES = {"flux1024_u4_out": 1152 * 3072 * 2, "flux1024_u4_qkv": 1152 * 9216 * 2, "flux1024_u2_qkv": 2304 * 9216 * 2,
          "flux2048_u4_qkv": 4224 * 9216 * 2, "wan14b_u4_qkv": 8190 * 15360 * 2}
 
 
-def symm_all_to_all(n: int, dtype, dev):
+def symm_all_to_all(n: int, dtype, dev, copy_engine: bool = False):
     """An all-to-all over symmetric memory for messages of `n` elements per rank (see the module docstring):
     returns fn(send) -> the received [n] tensor (valid until the exchange after next)."""
     import torch.distributed._symmetric_memory as symm_mem
@@ -51,7 +52,12 @@ def symm_all_to_all(n: int, dtype, dev):
         phase[0] ^= 1
         dst = [peers[p][ph, rank * chunk:(rank + 1) * chunk] for p in range(world)]
         src = [send[p * chunk:(p + 1) * chunk] for p in range(world)]
-        torch._foreach_copy_(dst, src)
+        if copy_engine:
+            for p in range(world):  # own block first (local), then the peers in ring order
+                q = (rank + p) % world
+                dst[q].copy_(src[q])
+        else:
+            torch._foreach_copy_(dst, src)
         handle.barrier(channel=ph)
         return peers[rank][ph]
 
@@ -61,7 +67,7 @@ def symm_all_to_all(n: int, dtype, dev):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tag", default="default")
-    p.add_argument("--transport", choices=["nccl", "symm"], default="nccl")
+    p.add_argument("--transport", choices=["nccl", "symm", "symm_ce"], default="nccl")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "alltoall.jsonl"))
     args = p.parse_args()
@@ -76,13 +82,13 @@ def main() -> None:
         send = torch.randn(n, device=dev, dtype=torch.bfloat16)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send)
-        if args.transport == "symm":
+        if args.transport.startswith("symm"):
             try:
-                exchange = symm_all_to_all(n, torch.bfloat16, dev)
+                exchange = symm_all_to_all(n, torch.bfloat16, dev, copy_engine=args.transport == "symm_ce")
                 same = torch.equal(exchange(send), recv)
             except Exception as e:  # noqa: BLE001 - report and go on
                 if rank == 0:
-                    print(json.dumps({"probe": "all_to_all", "transport": "symm", "message": name,
+                    print(json.dumps({"probe": "all_to_all", "transport": args.transport, "message": name,
                                       "error": f"{type(e).__name__}: {e}"[:400]}), flush=True)
                 continue
             fn = lambda: exchange(send)  # noqa: E731

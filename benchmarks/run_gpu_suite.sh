@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -172,6 +172,73 @@ if [ "$what" = next ]; then
     --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | fn
   timeout 100 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
     --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | fn
+fi
+if [ "$what" = s8 ]; then
+  # all-to-all transports (NCCL, symmetric memory by SM copies, by copy engines) on 4 and 2 GPUs, with a
+  # guided Wan 14B step on one GPU (batch of 2 and two batches of 1) alongside the 2-GPU probes; then the
+  # guided Wan step on 4 GPUs: CFG parallel 2 x Ulysses 2 (the automatic plan at cfg != 1) and Ulysses 4
+  f8() { grep -E '^\{|Error|error:|Fused|disagree' | grep -v Warning; }
+  for tr in nccl symm symm_ce; do
+    timeout 45 torchrun --nproc_per_node=4 benchmarks/probe_alltoall.py --transport $tr --tag ${tr}4 \
+      --out "$OUT/alltoall.jsonl" 2>&1 | f8
+  done
+  ( CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" 2>&1 | f8 ) &
+  ( export CUDA_VISIBLE_DEVICES=2,3; for tr in nccl symm symm_ce; do
+      timeout 45 torchrun --nproc_per_node=2 --master_port 29618 benchmarks/probe_alltoall.py --transport $tr \
+        --tag ${tr}2 --out "$OUT/alltoall.jsonl" 2>&1 | f8; done ) &
+  wait
+  timeout 200 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 u4 \
+    --out "$OUT/wan_cfg_step.jsonl" 2>&1 | f8
+fi
+if [ "$what" = s9 ]; then
+  # Ulysses over NCCL's all-to-all (TACO_A2A=nccl) vs direct NVLink writes (symm), same machine and call.
+  # A (side by side): 1-GPU Flux steps on GPU 0; the 1-GPU fork path on GPU 1; Ulysses 2 steps with each
+  # transport and a Ulysses-2 Wan profile on GPUs 2-3.  B: Flux Ulysses 4 and the guided Wan step (CFG 2 x
+  # Ulysses 2) with each transport, then the 4-GPU fork path.
+  f9() { grep -E '^\{|Error|error:|Fused|disagree|refused|capture' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f9 ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 150 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
+      --out "$OUT/e2e.jsonl" 2>&1 | f9 ) &
+  ( export CUDA_VISIBLE_DEVICES=2,3; for tr in nccl symm; do
+      TACO_A2A=$tr timeout 70 torchrun --nproc_per_node=2 --master_port 29619 benchmarks/bench_flux_step.py \
+        --sizes 1024 --graph --configs u2 --out "$OUT/step_$tr.jsonl" 2>&1 | f9; done
+    timeout 90 torchrun --nproc_per_node=2 --master_port 29620 benchmarks/profile_flux_step.py --model wan \
+      --config u2 --out "$OUT/profile.jsonl" 2>&1 | f9 ) &
+  wait
+  for tr in nccl symm; do
+    TACO_A2A=$tr timeout 80 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+      --configs u4 --out "$OUT/step_$tr.jsonl" 2>&1 | f9
+  done
+  for tr in nccl symm; do
+    TACO_A2A=$tr timeout 80 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_step_$tr.jsonl" 2>&1 | f9
+  done
+  timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f9
+fi
+if [ "$what" = s10 ]; then
+  # symmetric-memory exchanges with the single blocks' copies on copy engines behind the MLP (TACO_A2A=symm)
+  # vs NCCL, each with its 1-GPU baseline in this call. A (side by side): 1-GPU Flux steps on GPU 0; the
+  # guided 1-GPU Wan step on GPU 1; Ulysses 2 with each transport on GPUs 2-3.  B: Flux Ulysses 4 and the
+  # guided Wan step under CFG 2 x Ulysses 2, each transport (full logs of the Wan runs in $OUT).
+  f10() { grep -E '^\{|Error|error:|Fused|disagree|refused|capture' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f10 ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
+      2>&1 | f10 ) &
+  ( export CUDA_VISIBLE_DEVICES=2,3; for tr in nccl symm; do
+      TACO_A2A=$tr timeout 70 torchrun --nproc_per_node=2 --master_port 29621 benchmarks/bench_flux_step.py \
+        --sizes 1024 --graph --configs u2 --out "$OUT/step_$tr.jsonl" 2>&1 | f10; done ) &
+  wait
+  for tr in symm nccl; do
+    TACO_A2A=$tr timeout 80 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+      --configs u4 --out "$OUT/step_$tr.jsonl" 2>&1 | f10
+  done
+  for tr in symm nccl; do
+    TACO_A2A=$tr timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_step_$tr.jsonl" > "$OUT/wan_$tr.log" 2>&1; echo "wan $tr rc=$?"; f10 < "$OUT/wan_$tr.log"
+  done
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

@@ -24,7 +24,7 @@ def _inputs(seq: int, heads: int = 4, dim: int = 8, batch: int = 2):
     return q, k, v
 
 
-def _worker(rank, world, ulysses, ring, seq, pad, batch=2, chunks=1):
+def _worker(rank, world, ulysses, ring, seq, pad, batch=2, chunks=1, packed=False):
     os.environ["TACO_ULYSSES_CHUNKS"] = str(chunks)
     dims = MeshDims(world_size=world, ulysses=ulysses, ring=ring)
     mesh = ParallelMesh(dims)
@@ -39,6 +39,9 @@ def _worker(rank, world, ulysses, ring, seq, pad, batch=2, chunks=1):
     chunk = padded // p
     idx = mesh.sp.rank_in_group
     local = [t[:, :, idx * chunk:(idx + 1) * chunk] for t in (q, k, v)]
+    if packed:  # q/k/v as views of one [B, S, 3, H, D] buffer, as the models' qkv_rope gives them
+        buf = torch.stack([t.transpose(1, 2) for t in local], dim=2).contiguous()
+        local = list(buf.permute(2, 0, 3, 1, 4).unbind(0))
     out = usp_attention(*local, mesh.ulysses, mesh.ring, kv_keep_global=keep if pad else None)
     return idx, out
 
@@ -58,16 +61,19 @@ def test_usp_matches_full_attention(world, ulysses, ring, seq, pad):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("world,ulysses,ring,seq,pad,batch,chunks", [
-    (2, 2, 1, 16, 0, 1, 1),   # batch 1: the received buffer is used as packed q/k/v views, no copy
-    (2, 2, 1, 15, 1, 1, 2),   # exchanges pipelined over two head groups (TACO_ULYSSES_CHUNKS=2)
-    (2, 2, 1, 16, 0, 2, 2),
-    (4, 2, 2, 29, 3, 1, 2),
+@pytest.mark.parametrize("world,ulysses,ring,seq,pad,batch,chunks,packed", [
+    (2, 2, 1, 16, 0, 1, 1, False),  # batch 1: the received buffer is used as packed q/k/v views, no copy
+    (2, 2, 1, 15, 1, 1, 2, False),  # exchanges pipelined over two head groups (TACO_ULYSSES_CHUNKS=2)
+    (2, 2, 1, 16, 0, 2, 2, False),
+    (4, 2, 2, 29, 3, 1, 2, False),
+    (2, 2, 1, 15, 1, 1, 1, True),   # q/k/v views of one packed buffer: sent with one copy
+    (4, 4, 1, 30, 2, 2, 1, True),
+    (4, 2, 2, 29, 3, 1, 2, True),
 ])
-def test_ulysses_layouts_and_pipelining_match_full_attention(world, ulysses, ring, seq, pad, batch, chunks):
+def test_ulysses_layouts_and_pipelining_match_full_attention(world, ulysses, ring, seq, pad, batch, chunks, packed):
     q, k, v = _inputs(seq, batch=batch)
     ref = F.scaled_dot_product_attention(q, k, v)
-    results = run_on_ranks(world, _worker, ulysses, ring, seq, pad, batch, chunks)
+    results = run_on_ranks(world, _worker, ulysses, ring, seq, pad, batch, chunks, packed)
     out = torch.cat([o for _, o in sorted(results, key=lambda r: r[0])], dim=2)[:, :, :seq]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -133,3 +139,18 @@ def test_side_work_runs_first_for_overrides_that_do_not_take_it():
     order.clear()
     optimized_attention(q, k, v, 4, skip_reshape=True, side_work=(lambda: order.append("a"),))
     assert order == ["a"]
+
+
+def test_exchange_transport_choice(monkeypatch):
+    from types import SimpleNamespace
+
+    from comfy.taco_dit.parallel.exchange import transport
+
+    pair = SimpleNamespace(size=2, group=object(), _exchanges={})
+    monkeypatch.setenv("TACO_A2A", "carrier-pigeon")
+    with pytest.raises(ValueError, match="TACO_A2A=auto, nccl or symm"):
+        transport(torch.device("cpu"), pair)
+    for setting in ("auto", "symm", "nccl"):  # direct NVLink writes need GPUs: CPU ranks keep gloo's all-to-all
+        monkeypatch.setenv("TACO_A2A", setting)
+        assert transport(torch.device("cpu"), pair) == "nccl"
+        assert transport(torch.device("cuda", 0), None) == "nccl"  # no group (one rank): nothing to exchange

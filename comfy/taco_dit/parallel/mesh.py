@@ -70,6 +70,24 @@ class GroupHandle:
         self.group = group
         self.size = len(ranks)
         self.rank_in_group = ranks.index(rank) if rank in ranks else -1
+        self._exchanges: dict = {}
+        self._last_exchange = None  # the last symmetric-memory exchange started (reuse rule: exchange.py)
+
+    def exchange(self, name: str, block_shape: tuple, dtype: torch.dtype, device: torch.device):
+        """The all-to-all exchange `name` of equal `block_shape` blocks (see exchange.py), kept for reuse.
+        Its first use is collective when the transport is symmetric memory."""
+        from comfy.taco_dit.parallel.exchange import NcclExchange, SymmetricExchange, transport
+
+        key = (name, tuple(block_shape), dtype, device)
+        ex = self._exchanges.get(key)
+        if ex is None:
+            kind = transport(device, self)
+            if kind == "symm":
+                ex = SymmetricExchange(self, tuple(block_shape), dtype, device, channel=0)
+            else:
+                ex = NcclExchange(self, tuple(block_shape), dtype, device)
+            self._exchanges[key] = ex
+        return ex
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         if self.size == 1:

@@ -93,6 +93,18 @@ def ulysses_chunks(heads_per_rank: int) -> int:
     return n if n >= 1 and heads_per_rank % n == 0 else 1
 
 
+def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """The [B, S, 3, H, D] buffer q, k and v ([B, H, S, D]) are views of, or None (e.g. separate tensors)."""
+    b, h, s, d = q.shape
+    stride = (s * 3 * h * d, d, 3 * h * d, 1)
+    if not (q.stride() == k.stride() == v.stride() == stride and q.dtype == k.dtype == v.dtype):
+        return None
+    step = h * d * q.element_size()
+    if k.data_ptr() != q.data_ptr() + step or v.data_ptr() != q.data_ptr() + 2 * step:
+        return None
+    return q.as_strided((b, s, 3, h, d), (s * 3 * h * d, 3 * h * d, h * d, d, 1))
+
+
 def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle,
                        ring: GroupHandle, keep, side_work=None) -> torch.Tensor:
     """Ulysses with q, k and v in one all-to-all per head group, pipelined over `ulysses_chunks` groups: the
@@ -103,7 +115,8 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
     token-major with q/k/v packed per token, and blocks arrive in sequence order, so for B == 1 the received
     buffer already is a packed [1, S, 3, h, D] sequence (the layout cuDNN's attention reads directly) and
     its token-major output is sent back as it is. The one reordering copy is the final interleave of the
-    returning head groups into [B, S/P, H, D], returned as a [B, H, S/P, D] view.
+    returning head groups into [B, S/P, H, D], returned as a [B, H, S/P, D] view. The exchanges go through
+    `GroupHandle.exchange` (NCCL's all-to-all, or direct NVLink writes: exchange.py).
 
     `side_work` (before, after): work independent of this attention, run while the first exchange and the
     last return are in flight, which hides them behind it (Flux's single blocks: the MLP GEMMs)."""
@@ -112,28 +125,46 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
     hp = h // p
     n = ulysses_chunks(hp)
     hc = hp // n
-    send = torch.empty((n, p, b, s, 3, hc, d), dtype=q.dtype, device=q.device)
-    for i, t in enumerate((q, k, v)):
-        send[:, :, :, :, i].copy_(t.unflatten(1, (p, n, hc)).permute(2, 1, 0, 4, 3, 5))
-    recv = torch.empty_like(send)
-    arriving = [ulysses.all_to_all_single(recv[c], send[c], async_op=True) for c in range(n)]
+    packed = _packed(q, k, v)
+    # per head group c and destination r: q/k/v of heads r*hp + c*hc ... as [B, S/P, 3, hc, D]
+    source = packed.unflatten(3, (p, n, hc)).permute(4, 3, 0, 1, 2, 5, 6) if packed is not None else None
+    # with independent work to hide them behind, symmetric-memory exchanges go by copy engine (exchange.py)
+    background = bool(side_work) and b == 1
+
+    def writer(c):
+        def write(targets):
+            if torch.is_tensor(targets):  # one local [P, ...] send buffer: one copy each for q, k and v
+                for i, t in enumerate((q, k, v)):
+                    targets[:, :, :, i].copy_(t.unflatten(1, (p, n, hc))[:, :, c].permute(1, 0, 3, 2, 4))
+                return
+            for r, target in enumerate(targets):  # the peers' buffers
+                for i, t in enumerate((q, k, v)):
+                    target[:, :, i].copy_(t[:, r * hp + c * hc:r * hp + (c + 1) * hc].transpose(1, 2))
+        return write
+
+    arriving = []
+    for c in range(n):
+        ex = ulysses.exchange(f"ulysses_qkv{c}", (b, s, 3, hc, d), q.dtype, q.device)
+        if source is not None:
+            arriving.append(ex.start(source[c], background=background))
+        else:
+            arriving.append(ex.start(write=writer(c)))
     before, after = (list(side_work)[:1], list(side_work)[1:]) if side_work else ([], [])
     run_side_work(before)
-    back = torch.empty((n, p, b, s, hc, d), dtype=q.dtype, device=q.device)
-    returning, keep_alive = [], []
+    returning = []
     for c in range(n):
-        arriving[c].wait()
-        packed = recv[c].view(p * s, 3, hc, d)[None] if b == 1 else \
-            recv[c].transpose(0, 1).reshape(b, p * s, 3, hc, d)
-        qc, kc, vc = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        recv = arriving[c].wait()
+        packed_c = recv.view(p * s, 3, hc, d)[None] if b == 1 else recv.transpose(0, 1).reshape(b, p * s, 3, hc, d)
+        qc, kc, vc = packed_c.permute(2, 0, 3, 1, 4).unbind(0)
         out = ring_attention(qc, kc, vc, ring, keep)  # [B, hc, S, D]
-        out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1).contiguous()
-        keep_alive.append(out)
-        returning.append(ulysses.all_to_all_single(back[c], out, async_op=True))
+        # [P, B, S/P, hc, D]: for B == 1 cuDNN's token-major output already is this layout, sent as it is
+        out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1)
+        ex = ulysses.exchange(f"ulysses_out{c}", (b, s, hc, d), q.dtype, q.device)
+        returning.append(ex.start(out, background=background))
     run_side_work(after)
-    for work in returning:
-        work.wait()
-    # back[c, r]: heads r*hp + c*hc ... of this rank's tokens
+    back = [pending.wait() for pending in returning]
+    # back[c][r]: heads r*hp + c*hc ... of this rank's tokens
+    back = back[0][None] if n == 1 else torch.stack(back)
     return back.permute(2, 3, 1, 0, 4, 5).reshape(b, s, h, d).transpose(1, 2)
 
 

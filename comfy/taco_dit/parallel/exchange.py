@@ -1,0 +1,183 @@
+"""Equal-block all-to-all exchanges for Ulysses attention, over one of two transports.
+
+- `NcclExchange`: the sender fills one local send buffer, then `all_to_all_single` moves it (NCCL on GPUs,
+  gloo on CPUs). It can run asynchronously, so independent work overlaps it.
+- `SymmetricExchange` (GPUs with peer access; see `transport` for where it is used): every rank's receive buffer lives in torch's
+  symmetric memory, mapped into the address space of every rank of the group, so the sender's copies
+  write its blocks straight into the peers' buffers over NVLink; one device-side barrier then says every
+  block has arrived. There is no send buffer, no collective kernel and no host involvement.
+
+Both give the same interface: `start(blocks)` sends `blocks[r]` to group rank r (or `start(write=fn)`, where
+`fn(targets)` writes each rank's block into `targets[r]`: a list of the peers' buffers, or NCCL's whole
+local `[P, *block]` send buffer) and returns a `Pending` whose `wait()` gives the
+received `[P, *block]` tensor, block r from group rank r. Work queued between the two overlaps the exchange.
+With `background=True` a symmetric exchange moves contiguous blocks with device-to-device memcpys on a side
+stream: the GPUs' copy engines carry them, leaving every SM to the overlapped work (an NCCL all-to-all
+occupies SMs of its own).
+
+Reuse of a symmetric receive buffer: a peer writes into it as soon as it has passed the barrier of the
+group's previous exchange. So a rank must have read one exchange's data before it enters the group's next
+barrier. Ulysses does (the q/k/v exchange is read by the attention before the output goes back, the output
+is read by the interleave before the next layer's q/k/v go out). When one exchange object is used twice
+in a row, it adds a barrier before the writes, which makes the reuse safe in every order.
+`TACO_A2A=auto|nccl|symm` chooses the transport (see `transport`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+_warned: set[str] = set()
+
+
+MAX_SYMMETRIC = 8  # symmetric exchanges kept per group (one per message shape); later shapes use NCCL
+
+
+def _whole_world_on_one_host(group) -> bool:
+    import torch.distributed as dist
+
+    if group is None or group.group is None or not dist.is_initialized():
+        return False
+    world = dist.get_world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return group.size == world == local and torch.cuda.device_count() >= world
+
+
+def _peer_access(n: int) -> bool:
+    return all(torch.cuda.can_device_access_peer(i, j) for i in range(n) for j in range(n) if i != j)
+
+
+def transport(device: torch.device, group=None) -> str:
+    """The all-to-all transport for `group`'s exchanges of tensors on `device`.
+
+    `TACO_A2A=auto` (default): symmetric memory where it was measured faster and works: GPUs, a sequence
+    group that is the whole world on one host with peer access between all GPUs (on 4 x H200: Flux
+    Ulysses 4 at 1024² 42.3 against 44.1 ms with NCCL, at 2048² 191.8 against 196.6 ms, Ulysses 2 75.1
+    against 79.6 ms; benchmarks/RESULTS.md), and fewer than MAX_SYMMETRIC message shapes so far. Smaller
+    groups (e.g. CFG 2 x Ulysses 2) use NCCL: a symmetric-memory rendezvous on sub-groups hung in our
+    4-GPU run. `TACO_A2A=nccl` always uses NCCL; `symm` asks for symmetric memory wherever auto allows it."""
+    want = os.environ.get("TACO_A2A", "auto").strip().lower() or "auto"
+    if want not in ("auto", "nccl", "symm"):
+        raise ValueError(f"TACO_A2A={want!r} is not a transport; use TACO_A2A=auto, nccl or symm")
+    if want == "nccl" or group is None or group.size < 2:
+        return "nccl"
+    why = None
+    if device.type != "cuda":
+        why = f"it needs GPUs (tensors on {device.type})"
+    elif not _whole_world_on_one_host(group):
+        why = "the sequence group is not every rank of one host"
+    elif sum(isinstance(e, SymmetricExchange) for e in group._exchanges.values()) >= MAX_SYMMETRIC:
+        why = f"{MAX_SYMMETRIC} message shapes already hold symmetric buffers"
+    else:
+        try:
+            import torch.distributed._symmetric_memory  # noqa: F401
+        except ImportError:
+            why = "this torch has no symmetric memory"
+        else:
+            if not _peer_access(torch.cuda.device_count()):
+                why = "the GPUs have no peer access"
+    if why is None:
+        return "symm"
+    if want == "symm" and why not in _warned:
+        _warned.add(why)
+        logging.warning("TACO_A2A=symm: using NCCL's all-to-all because %s", why)
+    return "nccl"
+
+
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device):
+    stream = _side_streams.get(device)
+    if stream is None:
+        stream = _side_streams[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
+class Pending:
+    """An exchange in flight; `wait()` orders the current stream after it and returns what arrived."""
+
+    def __init__(self, recv: torch.Tensor, work=None, stream=None, barrier=None, keep=None):
+        self.recv, self.work, self.stream, self.barrier = recv, work, stream, barrier
+        self.keep = keep  # the sent tensor, alive until the exchange is waited for
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.recv.device).wait_stream(self.stream)
+        if self.barrier is not None:
+            self.barrier()
+        self.keep = None
+        return self.recv
+
+
+class NcclExchange:
+    """All-to-all through the process group (NCCL on GPUs, gloo on CPUs), asynchronous."""
+
+    def __init__(self, group, block_shape: tuple, dtype: torch.dtype, device: torch.device):
+        self.group = group
+        self.shape = (group.size, *block_shape)
+        self.dtype, self.device = dtype, device
+
+    def start(self, blocks: torch.Tensor | None = None, *, write=None, background: bool = False) -> Pending:
+        if blocks is None:
+            blocks = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            write(blocks)
+        send = blocks if blocks.is_contiguous() else blocks.contiguous()  # sent as it is when laid out already
+        recv = torch.empty_like(send)
+        work = self.group.all_to_all_single(recv, send, async_op=True)
+        return Pending(recv, work=work, keep=send)
+
+
+class SymmetricExchange:
+    """All-to-all by direct writes into the peers' symmetric-memory buffers, then a device barrier.
+    Building one is collective over the group (rendezvous): every rank must build it at the same point."""
+
+    def __init__(self, group, block_shape: tuple, dtype: torch.dtype, device: torch.device, channel: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group = group
+        p = group.size
+        shape = (p, *block_shape)
+        name = group.group.group_name
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed by older torch releases, a no-op or absent in newer ones
+            try:
+                enable(name)
+            except Exception:  # noqa: BLE001 - already enabled
+                pass
+        buf = symm_mem.empty(math.prod(shape), dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(buf, name)
+        self.peers = [self.handle.get_buffer(r, shape, dtype) for r in range(p)]
+        self.rank = group.rank_in_group
+        self.channel = channel
+
+    def _barrier(self) -> None:
+        self.handle.barrier(channel=self.channel)
+
+    def start(self, blocks: torch.Tensor | None = None, *, write=None, background: bool = False) -> Pending:
+        if self.group._last_exchange is self:
+            # this buffer's previous contents may still be unread by a peer: wait for everyone first
+            self._barrier()
+        self.group._last_exchange = self
+        targets = [self.peers[r][self.rank] for r in range(self.group.size)]
+        recv = self.peers[self.rank]
+        if blocks is None:
+            write(targets)  # the caller's copies write straight into the peers' buffers
+            return Pending(recv, barrier=self._barrier)
+        if not background:
+            for r, target in enumerate(targets):
+                target.copy_(blocks[r])
+            return Pending(recv, barrier=self._barrier)
+        src = blocks if blocks.is_contiguous() else blocks.contiguous()
+        side = _side_stream(recv.device)
+        side.wait_stream(torch.cuda.current_stream(recv.device))
+        with torch.cuda.stream(side):
+            for r, target in enumerate(targets):
+                target.copy_(src[r])  # contiguous: a memcpy, carried by a copy engine
+        return Pending(recv, stream=side, barrier=self._barrier, keep=src)
