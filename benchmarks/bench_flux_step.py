@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from comfy.ldm.flux.model import Flux  # noqa: E402
 from comfy.ldm.modules.attention import attention_backend, set_attention_backend  # noqa: E402
+from comfy.taco_dit.parallel.exchange import release_all  # noqa: E402
 from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh  # noqa: E402
 from comfy.taco_dit.parallel.sequence_parallel import flux_forward_orig  # noqa: E402
 from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable  # noqa: E402
@@ -215,6 +216,7 @@ def run_parallel(args) -> None:
         for backend, fused in variants(args.attention, args.fused):
             use_variant(backend, fused)
             run_parallel_configs(args, model, original, meshes, size, (x, t, ctx, y, g), backend, rank, world)
+    release_all()
     dist.destroy_process_group()
 
 

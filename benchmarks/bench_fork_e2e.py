@@ -159,6 +159,9 @@ def main() -> None:
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                    help="optimization.use_cuda_graph (auto: on when the model is split over GPUs)")
     args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the console's per-rank "Sampling:" lines
     graph_setting = {"auto": "auto", "on": True, "off": False}[args.cuda_graph]
     if args.tiny:
         FLUX_DEV.update(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1)
@@ -306,6 +309,9 @@ def main() -> None:
             f.write(json.dumps(record) + "\n")
     if world > 1:
         dm.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as the fork's ranks do: no interpreter teardown on the torn-down group
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from bench_flux_step import (  # noqa: E402
 
 from comfy.ldm.modules.attention import set_attention_backend  # noqa: E402
 from comfy.ldm.wan.model import WanModel  # noqa: E402
+from comfy.taco_dit.parallel.exchange import release_all  # noqa: E402
 from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh  # noqa: E402
 from comfy.taco_dit.parallel.sequence_parallel import wan_forward_orig  # noqa: E402
 from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable  # noqa: E402
@@ -203,6 +204,7 @@ def main() -> None:
                                     "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
                                     "card": where, **guided})
             del model.forward_orig
+    release_all()
     dist.destroy_process_group()
 
 

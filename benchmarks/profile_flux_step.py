@@ -146,6 +146,9 @@ def main() -> None:
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
     if dist.is_initialized():
+        from comfy.taco_dit.parallel.exchange import release_all
+
+        release_all()
         dist.destroy_process_group()
 
 

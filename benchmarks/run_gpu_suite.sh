@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -238,6 +238,34 @@ if [ "$what" = s10 ]; then
   for tr in symm nccl; do
     TACO_A2A=$tr timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
       --out "$OUT/wan_cfg_step_$tr.jsonl" > "$OUT/wan_$tr.log" 2>&1; echo "wan $tr rc=$?"; f10 < "$OUT/wan_$tr.log"
+  done
+fi
+if [ "$what" = s11 ]; then
+  # the fork path with the automatic transport (symmetric memory for Ulysses over the whole host) on 1, 4 and
+  # 2 GPUs, with 1-GPU steps and a Ulysses-2 CUDA-graph profile alongside the 1-GPU run
+  f11() { grep -E '^\{|Error|error:|Fused|disagree|refused|capture|Sampling:' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f11 ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 120 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
+      --out "$OUT/e2e.jsonl" 2>&1 | f11 ) &
+  ( export CUDA_VISIBLE_DEVICES=2,3; timeout 120 torchrun --nproc_per_node=2 --master_port 29622 \
+      benchmarks/profile_flux_step.py --sizes 1024 --config u2 --graph --out "$OUT/profile.jsonl" > "$OUT/profile_u2.log" 2>&1 ) &
+  wait
+  ref=/tmp/taco-bench/1gpu-rank0/output/bench_00002_.png
+  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | f11
+  timeout 100 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
+    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | f11
+fi
+if [ "$what" = s12 ]; then
+  # the fork path on 4 and 2 GPUs with symmetric memory: do the processes exit once the symmetric buffers are
+  # released before destroy_process_group? (rc 124 = still hanging at the timeout)
+  f12() { grep -E '^\{|Error|error:|refused|capture' | grep -v Warning; }
+  for n in 4 2; do
+    t0=$(date +%s)
+    timeout 110 torchrun --nproc_per_node=$n benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag exit$n \
+      --out "$OUT/e2e.jsonl" 2>&1 | f12
+    echo "{\"exit_check\": $n, \"rc\": ${PIPESTATUS[0]}, \"wall_s\": $(( $(date +%s) - t0 ))}"
   done
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then

@@ -197,3 +197,27 @@ def _leader_dies(dm):
 def test_follower_stops_when_rank0_dies():
     msg = spawn(2, _leader_dies, timeout=1.5, allow_exit=(0,))[1]
     assert "rank 0 is gone" in msg or "Rank 0 has sent no heartbeat" in msg, msg
+
+
+def test_shutdown_gives_up_on_a_stuck_teardown(monkeypatch):
+    """A process-group teardown that never returns (a lost peer, a stuck symmetric-memory free) must not keep
+    the process alive: shutdown() returns after its timeout and says it did not finish."""
+    import threading
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from comfy.taco_dit.core.distributed_manager import DistributedManager
+
+    release = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: release.wait(60))
+    dm = DistributedManager(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                            control_group=None, store=None, follower_timeout=1.0, collective_timeout=1.0)
+    start = time.monotonic()
+    assert dm.shutdown(timeout=0.5) is False
+    assert time.monotonic() - start < 5
+    release.set()
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: None)
+    assert dm.shutdown(timeout=5) is True

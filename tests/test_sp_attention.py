@@ -152,5 +152,7 @@ def test_exchange_transport_choice(monkeypatch):
         transport(torch.device("cpu"), pair)
     for setting in ("auto", "symm", "nccl"):  # direct NVLink writes need GPUs: CPU ranks keep gloo's all-to-all
         monkeypatch.setenv("TACO_A2A", setting)
-        assert transport(torch.device("cpu"), pair) == "nccl"
-        assert transport(torch.device("cuda", 0), None) == "nccl"  # no group (one rank): nothing to exchange
+        assert transport(torch.device("cpu"), pair, measured=True) == "nccl"
+        assert transport(torch.device("cuda", 0), None, measured=True) == "nccl"  # one rank: nothing to exchange
+    monkeypatch.setenv("TACO_A2A", "auto")  # auto never picks symmetric memory for an unmeasured exchange
+    assert transport(torch.device("cuda", 0), pair, measured=False) == "nccl"

@@ -151,14 +151,34 @@ class DistributedManager:
 
     # -- lifetime -----------------------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 20.0) -> bool:
+        """Tear the process group down (symmetric-memory buffers first), giving up after `timeout` seconds:
+        a teardown that blocks (a peer already gone, or the symmetric-memory teardown hang we saw on 4 GPUs,
+        see benchmarks/RESULTS.md) must not keep the process alive. Returns whether it finished; callers
+        exit with os._exit either way, so nothing waits on a half-torn-down group."""
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        if dist.is_initialized():
+        if not dist.is_initialized():
+            return True
+        done = threading.Event()
+
+        def teardown():
             try:
+                from comfy.taco_dit.parallel.exchange import release_all
+
+                release_all()
                 dist.destroy_process_group()
-            except RuntimeError:  # teardown after a lost rank can fail; the process is exiting anyway
+            except Exception:  # noqa: BLE001 - teardown after a lost rank can fail; the process is exiting
                 log.debug("destroy_process_group failed", exc_info=True)
+            finally:
+                done.set()
+
+        threading.Thread(target=teardown, name="taco-teardown", daemon=True).start()
+        if done.wait(timeout):
+            return True
+        log.warning("TACO-DiT: the process group did not shut down within %.0f s; exiting without waiting "
+                    "for it", timeout)
+        return False
 
 
 class Heartbeat:

@@ -712,9 +712,20 @@ def run(args, start_server, cache_settings=None) -> None:
 
         return execution.PromptExecutor(server, cache_type=cache_type, cache_args=cache_args, lockstep=lockstep)
 
+    code = 1
     try:
         start_server(args, executor_factory=executor_factory, worker=leader.worker,
                      queue_kwargs={"persist_path": queue_file(args)})
+        code = 0
+    except KeyboardInterrupt:
+        code = 0
+    except BaseException:
+        log.exception("Rank 0 stopped on an error")
     finally:
         leader.stop_followers()
         dm.shutdown()
+        # like the followers: never linger in interpreter teardown on a torn-down (or stuck) group
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

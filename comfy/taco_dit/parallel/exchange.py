@@ -25,6 +25,7 @@ in a row, it adds a barrier before the writes, which makes the reuse safe in eve
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -32,6 +33,26 @@ import os
 import torch
 
 _warned: set[str] = set()
+_live: list = []  # every SymmetricExchange built, so release_all() can free their buffers before teardown
+
+
+def release_all() -> None:
+    """Free every symmetric-memory buffer before the process group goes (destroy_process_group): processes
+    that left them to interpreter teardown hung at exit in our 4-GPU runs. A no-op without any.
+
+    No barrier: once this GPU has finished its work, every write a peer made into these buffers has landed
+    (each exchange's barrier follows the writes), and this rank's own writes have too."""
+    if not _live:
+        return
+    torch.cuda.synchronize()
+    for ex in _live:
+        ex.group._exchanges = {k: v for k, v in ex.group._exchanges.items() if v is not ex}
+        if ex.group._last_exchange is ex:
+            ex.group._last_exchange = None
+        ex.handle = ex.peers = None
+    _live.clear()
+    gc.collect()
+    torch.cuda.synchronize()
 
 
 MAX_SYMMETRIC = 8  # symmetric exchanges kept per group (one per message shape); later shapes use NCCL
@@ -51,19 +72,21 @@ def _peer_access(n: int) -> bool:
     return all(torch.cuda.can_device_access_peer(i, j) for i in range(n) for j in range(n) if i != j)
 
 
-def transport(device: torch.device, group=None) -> str:
+def transport(device: torch.device, group=None, measured: bool = False) -> str:
     """The all-to-all transport for `group`'s exchanges of tensors on `device`.
 
-    `TACO_A2A=auto` (default): symmetric memory where it was measured faster and works: GPUs, a sequence
-    group that is the whole world on one host with peer access between all GPUs (on 4 x H200: Flux
-    Ulysses 4 at 1024² 42.3 against 44.1 ms with NCCL, at 2048² 191.8 against 196.6 ms, Ulysses 2 75.1
-    against 79.6 ms; benchmarks/RESULTS.md), and fewer than MAX_SYMMETRIC message shapes so far. Smaller
-    groups (e.g. CFG 2 x Ulysses 2) use NCCL: a symmetric-memory rendezvous on sub-groups hung in our
-    4-GPU run. `TACO_A2A=nccl` always uses NCCL; `symm` asks for symmetric memory wherever auto allows it."""
+    `TACO_A2A=auto` (default): symmetric memory only where it was measured faster and seen to work
+    (`measured`: the caller's exchange is one of those, i.e. Ulysses over packed q/k/v, Flux's layout) on
+    GPUs, with a sequence group that is the whole world on one host, peer access between all GPUs, and
+    fewer than MAX_SYMMETRIC message shapes so far. On 4 x H200: Flux Ulysses 4 at 1024² 42.3 against
+    44.1 ms with NCCL, at 2048² 191.8 against 196.6 ms, Ulysses 2 75.1 against 79.6 ms (benchmarks/
+    RESULTS.md). Everything else uses NCCL; in particular smaller groups (e.g. CFG 2 x Ulysses 2), where a
+    symmetric-memory rendezvous hung in our 4-GPU run. `TACO_A2A=nccl` always uses NCCL; `symm` asks for
+    symmetric memory for every exchange the group and GPUs allow, measured or not."""
     want = os.environ.get("TACO_A2A", "auto").strip().lower() or "auto"
     if want not in ("auto", "nccl", "symm"):
         raise ValueError(f"TACO_A2A={want!r} is not a transport; use TACO_A2A=auto, nccl or symm")
-    if want == "nccl" or group is None or group.size < 2:
+    if want == "nccl" or group is None or group.size < 2 or (want == "auto" and not measured):
         return "nccl"
     why = None
     if device.type != "cuda":
@@ -156,6 +179,7 @@ class SymmetricExchange:
         self.peers = [self.handle.get_buffer(r, shape, dtype) for r in range(p)]
         self.rank = group.rank_in_group
         self.channel = channel
+        _live.append(self)
 
     def _barrier(self) -> None:
         self.handle.barrier(channel=self.channel)

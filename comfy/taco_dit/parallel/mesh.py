@@ -73,15 +73,17 @@ class GroupHandle:
         self._exchanges: dict = {}
         self._last_exchange = None  # the last symmetric-memory exchange started (reuse rule: exchange.py)
 
-    def exchange(self, name: str, block_shape: tuple, dtype: torch.dtype, device: torch.device):
+    def exchange(self, name: str, block_shape: tuple, dtype: torch.dtype, device: torch.device,
+                 measured: bool = False):
         """The all-to-all exchange `name` of equal `block_shape` blocks (see exchange.py), kept for reuse.
-        Its first use is collective when the transport is symmetric memory."""
+        Its first use is collective when the transport is symmetric memory. `measured`: symmetric memory
+        was measured for this kind of exchange, so the automatic transport may pick it."""
         from comfy.taco_dit.parallel.exchange import NcclExchange, SymmetricExchange, transport
 
         key = (name, tuple(block_shape), dtype, device)
         ex = self._exchanges.get(key)
         if ex is None:
-            kind = transport(device, self)
+            kind = transport(device, self, measured)
             if kind == "symm":
                 ex = SymmetricExchange(self, tuple(block_shape), dtype, device, channel=0)
             else:

@@ -130,6 +130,8 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
     source = packed.unflatten(3, (p, n, hc)).permute(4, 3, 0, 1, 2, 5, 6) if packed is not None else None
     # with independent work to hide them behind, symmetric-memory exchanges go by copy engine (exchange.py)
     background = bool(side_work) and b == 1
+    # the layout symmetric memory was measured with on GPUs (Flux: packed q/k/v, batch 1, one head group)
+    measured = packed is not None and b == 1 and n == 1
 
     def writer(c):
         def write(targets):
@@ -144,7 +146,7 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
 
     arriving = []
     for c in range(n):
-        ex = ulysses.exchange(f"ulysses_qkv{c}", (b, s, 3, hc, d), q.dtype, q.device)
+        ex = ulysses.exchange(f"ulysses_qkv{c}", (b, s, 3, hc, d), q.dtype, q.device, measured=measured)
         if source is not None:
             arriving.append(ex.start(source[c], background=background))
         else:
@@ -159,7 +161,7 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
         out = ring_attention(qc, kc, vc, ring, keep)  # [B, hc, S, D]
         # [P, B, S/P, hc, D]: for B == 1 cuDNN's token-major output already is this layout, sent as it is
         out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1)
-        ex = ulysses.exchange(f"ulysses_out{c}", (b, s, hc, d), q.dtype, q.device)
+        ex = ulysses.exchange(f"ulysses_out{c}", (b, s, hc, d), q.dtype, q.device, measured=measured)
         returning.append(ex.start(out, background=background))
     run_side_work(after)
     back = [pending.wait() for pending in returning]
