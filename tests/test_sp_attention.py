@@ -156,3 +156,22 @@ def test_exchange_transport_choice(monkeypatch):
         assert transport(torch.device("cuda", 0), None, measured=True) == "nccl"  # one rank: nothing to exchange
     monkeypatch.setenv("TACO_A2A", "auto")  # auto never picks symmetric memory for an unmeasured exchange
     assert transport(torch.device("cuda", 0), pair, measured=False) == "nccl"
+
+
+def test_ring_blocks_find_the_real_keys_once_from_the_host_counts():
+    from comfy.taco_dit.parallel.sequence_parallel import TokenSplit, real_tokens, ring_blocks
+
+    txt, img = TokenSplit(5, 4), TokenSplit(13, 4)  # 5 -> 8 and 13 -> 16 tokens: both streams padded
+    assert real_tokens(TokenSplit(8, 4), TokenSplit(16, 4)) is None  # nothing padded: nothing to find
+    device_mask, host_mask = real_tokens(txt, img)
+    assert device_mask.tolist() == host_mask.tolist()
+    assert int(host_mask.sum()) == 18  # every real token, none of the padding
+    for ring in (1, 2, 4):
+        blocks = ring_blocks((device_mask, host_mask), ring)
+        expect = [b.nonzero().squeeze(1) for b in host_mask.reshape(ring, -1)]
+        assert len(blocks) == ring
+        for got, want, block in zip(blocks, expect, host_mask.reshape(ring, -1)):
+            if bool(block.all()):
+                assert got is None
+            else:
+                assert torch.equal(got, want)

@@ -62,13 +62,48 @@ def gather_tokens(x: torch.Tensor, group: GroupHandle, split: TokenSplit, dim: i
     return group.all_gather(x, dim=dim).narrow(dim, 0, split.length)
 
 
+def real_tokens(*splits: TokenSplit, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Which keys are real over the sequence group's order, where each rank's local sequence is its chunks
+    of `splits` in turn: (mask on `device`, the same mask on the host), or None when nothing is padded.
+    The host copy gives the counts, so no attention call has to read the mask back from the GPU."""
+    if all(s.padded == s.length for s in splits):
+        return None
+    return (torch.cat([s.keep(device) for s in splits], dim=1).reshape(-1),
+            torch.cat([s.keep() for s in splits], dim=1).reshape(-1))
+
+
+def ring_blocks(keep: tuple[torch.Tensor, torch.Tensor] | None, ring_size: int) -> list | None:
+    """Per ring block (one ring slot's keys after the Ulysses exchange): the device indices of the real
+    keys, or None where all are real. Sizes come from the host mask, so `nonzero_static` needs no read-back
+    from the GPU and can run inside a CUDA-graph capture."""
+    if keep is None:
+        return None
+    device_mask, host_mask = keep
+    out = []
+    for d, h in zip(device_mask.reshape(ring_size, -1), host_mask.reshape(ring_size, -1)):
+        n = int(h.sum())
+        if n == h.numel():
+            out.append(None)
+            continue
+        try:
+            out.append(torch.nonzero_static(d, size=n).squeeze(1))
+        except (NotImplementedError, RuntimeError):  # a build without it: one read-back per forward
+            out.append(d.nonzero().squeeze(1))
+    return out
+
+
 def make_attention_override(mesh: ParallelMesh, kv_keep):
     """An `optimized_attention_override` running USP over the mesh's Ulysses and Ring groups.
 
-    `kv_keep`: the real-token mask over the sequence group's key order (None: no padding), or a dict
-    from a call's local sequence length to such a mask, for models whose blocks attend over different
-    token sets (SD3.5-medium's second, image-only attention next to the joint one).
+    `kv_keep`: `real_tokens(...)` over the sequence group's key order (None: no padding), or a dict
+    from a call's local sequence length to such a value, for models whose blocks attend over different
+    token sets (SD3.5-medium's second, image-only attention next to the joint one). The real keys of
+    each ring block are found once here, per forward, not in every attention call.
     """
+    if isinstance(kv_keep, dict):
+        kv_keep = {length: ring_blocks(keep, mesh.ring.size) for length, keep in kv_keep.items()}
+    else:
+        kv_keep = ring_blocks(kv_keep, mesh.ring.size)
 
     def override(default_fn, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False,
                  transformer_options=None, side_work=None, **kwargs):
@@ -84,7 +119,7 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
             b, _, inner = q.shape
             q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
         keep = kv_keep.get(q.shape[2]) if isinstance(kv_keep, dict) else kv_keep
-        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_global=keep, side_work=side_work)
+        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_blocks=keep, side_work=side_work)
         if skip_output_reshape:
             return out
         b, h, length, d = out.shape
@@ -126,9 +161,7 @@ def flux_forward_orig(mesh: ParallelMesh):
         img_l = s_img.local(img, r, 1)
         txt_l = s_txt.local(txt, r, 1)
         pe_l = torch.cat((s_txt.local(pe[:, :, :txt_len], r, 2), s_img.local(pe[:, :, txt_len:], r, 2)), dim=2)
-        padded = s_txt.padded != s_txt.length or s_img.padded != s_img.length
-        keep = torch.cat((s_txt.keep(img.device), s_img.keep(img.device)), dim=1).reshape(-1) if padded else None
-        opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+        opts[OVERRIDE_KEY] = make_attention_override(mesh, real_tokens(s_txt, s_img, device=img.device))
         control = _split_control(control, s_img, r)
         img_l, txt_l = model.run_double_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts, control)
         img_l = model.run_single_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts, control)
@@ -154,8 +187,7 @@ def wan_forward_orig(mesh: ParallelMesh):
         r = sp.rank_in_group
         tokens_l = split.local(tokens, r, 1)
         freqs_l = split.local(freqs, r, 1)
-        keep = split.keep(x.device).reshape(-1) if split.padded != split.length else None
-        opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+        opts[OVERRIDE_KEY] = make_attention_override(mesh, real_tokens(split, device=x.device))
         if e0.ndim == 4 and e0.shape[1] > 1:
             # one time modulation per latent frame (Wan 2.2 TI2V): a rank's chunk need not start or end on
             # a frame, so each local token takes its frame's row (padding tokens read frame 0's)
@@ -181,15 +213,12 @@ def mmdit_forward_orig(mesh: ParallelMesh):
         x, context, c = model.embed(x, timesteps, context, y)
         s_img = TokenSplit(x.shape[1], sp.size)
         x_l = s_img.local(x, r, 1)
-        img_keep = s_img.keep(x.device).reshape(-1) if s_img.padded != s_img.length else None
-        keep = {s_img.chunk: img_keep}
+        keep = {s_img.chunk: real_tokens(s_img, device=x.device)}
         ctx_l = None
         if context is not None:
             s_txt = TokenSplit(context.shape[1], sp.size)
             ctx_l = s_txt.local(context, r, 1)
-            padded = img_keep is not None or s_txt.padded != s_txt.length
-            keep[s_txt.chunk + s_img.chunk] = \
-                torch.cat((s_txt.keep(x.device), s_img.keep(x.device)), dim=1).reshape(-1) if padded else None
+            keep[s_txt.chunk + s_img.chunk] = real_tokens(s_txt, s_img, device=x.device)
         opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
         if isinstance(control, dict) and control.get("output") is not None:
             control = dict(control)
@@ -206,9 +235,8 @@ def _run_split(mesh: ParallelMesh, model, x, run, transformer_options):
     sp = mesh.sp
     r = sp.rank_in_group
     split = TokenSplit(x.shape[1], sp.size)
-    keep = split.keep(x.device).reshape(-1) if split.padded != split.length else None
     opts = dict(transformer_options or {})
-    opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+    opts[OVERRIDE_KEY] = make_attention_override(mesh, real_tokens(split, device=x.device))
     return gather_tokens(run(split.local(x, r, 1), split, r, opts), sp, split, dim=1)
 
 

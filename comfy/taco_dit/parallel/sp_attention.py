@@ -183,16 +183,18 @@ def _heads_to_seq(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle, ring: GroupHandle,
-                  kv_keep_global: torch.Tensor | None = None, side_work=None) -> torch.Tensor:
+                  kv_keep_global: torch.Tensor | None = None, side_work=None, kv_keep_blocks=None) -> torch.Tensor:
     """Ulysses inside, Ring outside. `kv_keep_global`: bool [S_total] over the sequence-group order
-    (chunk of sp-rank 0, chunk of sp-rank 1, ...), True for real tokens. `side_work`: (before, after)
-    callables independent of this attention, run while the Ulysses exchanges are in flight (else first)."""
+    (chunk of sp-rank 0, chunk of sp-rank 1, ...), True for real tokens; or `kv_keep_blocks`, the real
+    keys' indices per ring block found beforehand (sequence_parallel.ring_blocks: no read-back from the GPU
+    here). `side_work`: (before, after) callables independent of this attention, run while the Ulysses
+    exchanges are in flight (else first)."""
     heads = q.shape[1]
     if heads % ulysses.size != 0:
         raise ValueError(f"Ulysses degree {ulysses.size} does not divide the {heads} attention heads; "
                          f"use a Ulysses degree that divides {heads} and put the rest in ring degree")
-    keep = None
-    if kv_keep_global is not None:
+    keep = kv_keep_blocks
+    if keep is None and kv_keep_global is not None:
         # After the all-to-all this rank holds the ring slot `ring.rank_in_group`: its keys are the
         # chunks of sp ranks [slot*U, (slot+1)*U). Each ring block is one such slot.
         blocks = kv_keep_global.reshape(ring.size, -1)
