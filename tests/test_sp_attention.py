@@ -175,3 +175,21 @@ def test_ring_blocks_find_the_real_keys_once_from_the_host_counts():
                 assert got is None
             else:
                 assert torch.equal(got, want)
+
+
+def test_exchange_falls_back_to_nccl_when_symmetric_memory_fails(monkeypatch, caplog):
+    import comfy.taco_dit.parallel.exchange as exchange
+    from comfy.taco_dit.parallel.mesh import GroupHandle
+
+    def broken(*a, **k):
+        raise RuntimeError("no multicast here")
+
+    monkeypatch.setattr(exchange, "transport", lambda *a, **k: "symm")
+    monkeypatch.setattr(exchange, "SymmetricExchange", broken)
+    group = GroupHandle([0, 1], None, 0)
+    ex = group.exchange("ulysses_qkv0", (1, 4, 3, 2, 8), torch.float32, torch.device("cpu"), measured=True)
+    assert isinstance(ex, exchange.NcclExchange)
+    assert "no multicast here" in caplog.text
+    # later shapes do not try again
+    assert isinstance(group.exchange("ulysses_out0", (1, 4, 2, 8), torch.float32, torch.device("cpu")),
+                      exchange.NcclExchange)

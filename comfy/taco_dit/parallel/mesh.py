@@ -10,6 +10,7 @@ group has one rank, so the single-GPU path runs the same code.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,7 @@ class GroupHandle:
         self.rank_in_group = ranks.index(rank) if rank in ranks else -1
         self._exchanges: dict = {}
         self._last_exchange = None  # the last symmetric-memory exchange started (reuse rule: exchange.py)
+        self._symmetric_failed = False
 
     def exchange(self, name: str, block_shape: tuple, dtype: torch.dtype, device: torch.device,
                  measured: bool = False):
@@ -83,10 +85,16 @@ class GroupHandle:
         key = (name, tuple(block_shape), dtype, device)
         ex = self._exchanges.get(key)
         if ex is None:
-            kind = transport(device, self, measured)
+            kind = "nccl" if self._symmetric_failed else transport(device, self, measured)
+            ex = None
             if kind == "symm":
-                ex = SymmetricExchange(self, tuple(block_shape), dtype, device, channel=0)
-            else:
+                try:
+                    ex = SymmetricExchange(self, tuple(block_shape), dtype, device, channel=0)
+                except Exception as e:  # noqa: BLE001 - every rank fails alike (same GPUs, same torch)
+                    self._symmetric_failed = True
+                    logging.warning("Symmetric-memory all-to-all unavailable (%s: %s); using NCCL's",
+                                    type(e).__name__, e)
+            if ex is None:
                 ex = NcclExchange(self, tuple(block_shape), dtype, device)
             self._exchanges[key] = ex
         return ex
