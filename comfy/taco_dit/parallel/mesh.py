@@ -90,6 +90,9 @@ class GroupHandle:
             if kind == "symm":
                 try:
                     ex = SymmetricExchange(self, tuple(block_shape), dtype, device, channel=0)
+                    if not any(isinstance(e, SymmetricExchange) for e in self._exchanges.values()):
+                        logging.info("Ulysses exchanges of ranks %s: direct NVLink writes (symmetric memory; "
+                                     "TACO_A2A=nccl for NCCL's all-to-all)", self.ranks)
                 except Exception as e:  # noqa: BLE001 - every rank fails alike (same GPUs, same torch)
                     self._symmetric_failed = True
                     logging.warning("Symmetric-memory all-to-all unavailable (%s: %s); using NCCL's",
