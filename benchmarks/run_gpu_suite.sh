@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -267,6 +267,20 @@ if [ "$what" = s12 ]; then
       --out "$OUT/e2e.jsonl" 2>&1 | f12
     echo "{\"exit_check\": $n, \"rc\": ${PIPESTATUS[0]}, \"wall_s\": $(( $(date +%s) - t0 ))}"
   done
+fi
+if [ "$what" = s13 ]; then
+  # for the next session: (1) where symmetric memory hangs on sub-groups, step by step, with and without a
+  # world rendezvous first; (2) does the fork path on 4 GPUs now exit (bounded teardown + os._exit)?
+  # (3) Wan Ulysses 4 with symmetric memory forced (the unpacked q/k/v path, never run on GPUs yet)
+  f13() { grep -E '^\{|^rank|Error|error:|refused|capture' | grep -v Warning; }
+  timeout 60 torchrun --nproc_per_node=4 benchmarks/probe_symm_subgroups.py 2>&1 | f13
+  timeout 60 torchrun --nproc_per_node=4 benchmarks/probe_symm_subgroups.py --world-first 2>&1 | f13
+  t0=$(date +%s)
+  timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag exit4 \
+    --out "$OUT/e2e.jsonl" 2>&1 | f13
+  echo "{\"exit_check\": 4, \"rc\": ${PIPESTATUS[0]}, \"wall_s\": $(( $(date +%s) - t0 ))}"
+  TACO_A2A=symm timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --configs u4 \
+    --out "$OUT/wan_step_symm.jsonl" 2>&1 | f13
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
