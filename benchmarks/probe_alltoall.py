@@ -19,13 +19,26 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from comfy.taco_dit.parallel.exchange import enable_group  # noqa: E402
+
 # (name, bytes each rank holds): Ulysses' q/k/v exchange per attention call
 SIZES = {"flux1024_u4_out": 1152 * 3072 * 2, "flux1024_u4_qkv": 1152 * 9216 * 2, "flux1024_u2_qkv": 2304 * 9216 * 2,
          "flux2048_u4_qkv": 4224 * 9216 * 2, "wan14b_u4_qkv": 8190 * 15360 * 2}
+
+
+def init_nccl() -> torch.device:
+    """This torchrun rank's GPU, made current, with the NCCL process group up."""
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(dev)
+    dist.init_process_group("nccl", device_id=dev)
+    return dev
 
 
 def symm_all_to_all(n: int, dtype, dev, copy_engine: bool = False):
@@ -35,12 +48,7 @@ def symm_all_to_all(n: int, dtype, dev, copy_engine: bool = False):
 
     group = dist.group.WORLD
     world, rank = dist.get_world_size(), dist.get_rank()
-    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-    if enable is not None:
-        try:
-            enable(group.group_name)
-        except Exception:  # noqa: BLE001 - newer torch: not needed
-            pass
+    enable_group(group.group_name)
     buf = symm_mem.empty(2 * n, dtype=dtype, device=dev)
     handle = symm_mem.rendezvous(buf, group.group_name)
     peers = [handle.get_buffer(p, (2, n), dtype) for p in range(world)]
@@ -71,10 +79,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "alltoall.jsonl"))
     args = p.parse_args()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local)
-    torch.cuda.set_device(dev)
-    dist.init_process_group("nccl", device_id=dev)
+    dev = init_nccl()
     world, rank = dist.get_world_size(), dist.get_rank()
     env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
     for name, nbytes in SIZES.items():

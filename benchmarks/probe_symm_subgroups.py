@@ -15,10 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from probe_alltoall import init_nccl  # noqa: E402
+
+from comfy.taco_dit.parallel.exchange import enable_group  # noqa: E402
 
 
 def say(rank: int, what: str, t0: float) -> None:
@@ -31,10 +39,7 @@ def main() -> None:
     args = p.parse_args()
     import torch.distributed._symmetric_memory as symm_mem
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local)
-    torch.cuda.set_device(dev)
-    dist.init_process_group("nccl", device_id=dev)
+    dev = init_nccl()
     world, rank = dist.get_world_size(), dist.get_rank()
     t0 = time.perf_counter()
     pairs = [list(range(i, min(i + 2, world))) for i in range(0, world, 2)]
@@ -45,12 +50,7 @@ def main() -> None:
         w = symm_mem.empty(1024, dtype=torch.bfloat16, device=dev)
         symm_mem.rendezvous(w, dist.group.WORLD.group_name)
         say(rank, "world rendezvous done", t0)
-    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-    if enable is not None:
-        try:
-            enable(mine.group_name)
-        except Exception:  # noqa: BLE001 - newer torch: not needed
-            pass
+    enable_group(mine.group_name)
     n = 1 << 20
     buf = symm_mem.empty(2 * n, dtype=torch.bfloat16, device=dev)
     say(rank, "symmetric buffer allocated", t0)

@@ -55,6 +55,19 @@ def release_all() -> None:
     torch.cuda.synchronize()
 
 
+def enable_group(group_name: str) -> None:
+    """torch's `enable_symm_mem_for_group`, which older releases need before a rendezvous on a group (newer
+    ones deprecate it or have none)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:
+        try:
+            enable(group_name)
+        except Exception:  # noqa: BLE001 - already enabled, or not needed
+            pass
+
+
 MAX_SYMMETRIC = 8  # symmetric exchanges kept per group (one per message shape); later shapes use NCCL
 
 
@@ -168,12 +181,7 @@ class SymmetricExchange:
         p = group.size
         shape = (p, *block_shape)
         name = group.group.group_name
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed by older torch releases, a no-op or absent in newer ones
-            try:
-                enable(name)
-            except Exception:  # noqa: BLE001 - already enabled
-                pass
+        enable_group(name)
         buf = symm_mem.empty(math.prod(shape), dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(buf, name)
         self.peers = [self.handle.get_buffer(r, shape, dtype) for r in range(p)]
