@@ -719,6 +719,8 @@ def run(args, start_server, cache_settings=None) -> None:
         code = 0
     except KeyboardInterrupt:
         code = 0
+    except SystemExit as e:  # keep the status the server exited with
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
         log.exception("Rank 0 stopped on an error")
     finally:
