@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -281,6 +281,45 @@ if [ "$what" = s13 ]; then
   echo "{\"exit_check\": 4, \"rc\": ${PIPESTATUS[0]}, \"wall_s\": $(( $(date +%s) - t0 ))}"
   TACO_A2A=symm timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --configs u4 \
     --out "$OUT/wan_step_symm.jsonl" 2>&1 | f13
+fi
+if [ "$what" = s14 ]; then
+  # fifth session, Flux: double blocks' modulation as side work of the attention (their exchanges on copy
+  # engines behind it), against TACO_SP_OVERLAP=0 (no side work) and the 1-GPU baselines of this call.
+  # A (side by side): 1-GPU steps on GPU 0, the 1-GPU fork path on GPU 1, Ulysses 2 on GPUs 2-3.
+  # B: Ulysses 4 (and with two head groups on symmetric memory), the 4-GPU fork path (rc: does it exit?).
+  # C: where symmetric memory hangs on sub-groups.
+  f14() { grep -E '^\{|^rank|Error|error:|refused|capture|Sampling:' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 110 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f14 ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
+      --out "$OUT/e2e.jsonl" 2>&1 | f14 ) &
+  ( export CUDA_VISIBLE_DEVICES=2,3; for ov in 1 0; do
+      TACO_SP_OVERLAP=$ov timeout 65 torchrun --nproc_per_node=2 --master_port 29623 benchmarks/bench_flux_step.py \
+        --sizes 1024 --graph --configs u2 --out "$OUT/step_overlap$ov.jsonl" 2>&1 | f14; done ) &
+  wait
+  timeout 75 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph --configs u4 \
+    --out "$OUT/step_overlap1.jsonl" 2>&1 | f14
+  TACO_A2A=symm TACO_ULYSSES_CHUNKS=2 timeout 75 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py \
+    --sizes 1024 --graph --configs u4 --out "$OUT/step_chunks2.jsonl" 2>&1 | f14
+  t0=$(date +%s)
+  timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f14
+  echo "{\"exit_check\": 4, \"rc\": ${PIPESTATUS[0]}, \"wall_s\": $(( $(date +%s) - t0 ))}"
+  timeout 50 torchrun --nproc_per_node=4 benchmarks/probe_symm_subgroups.py 2>&1 | f14
+fi
+if [ "$what" = s15 ]; then
+  # fifth session, Wan 14B guided step: k and v deferred (computed while q's exchange is in flight) under
+  # CFG 2 x Ulysses 2, against TACO_SP_OVERLAP=0 (the previous path) and the 1-GPU baseline of this call
+  f15() { grep -E '^\{|Error|error:|refused|capture' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
+      2>&1 | f15 ) &
+  ( export CUDA_VISIBLE_DEVICES=1,2; TACO_SP_OVERLAP=1 timeout 200 torchrun --nproc_per_node=2 --master_port 29624 \
+      benchmarks/bench_wan_step.py --configs u2 --out "$OUT/wan_step_u2.jsonl" 2>&1 | f15 ) &
+  wait
+  for ov in 1 0; do
+    TACO_SP_OVERLAP=$ov timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_step_overlap$ov.jsonl" > "$OUT/wan_$ov.log" 2>&1; echo "wan overlap=$ov rc=$?"; f15 < "$OUT/wan_$ov.log"
+  done
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

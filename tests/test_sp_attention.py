@@ -78,6 +78,75 @@ def test_ulysses_layouts_and_pipelining_match_full_attention(world, ulysses, rin
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def _deferred_worker(rank, world, ulysses, ring, seq, pad, batch):
+    """q as a tensor, k and v deferred (callables), as Wan's self-attention passes them; records the order of
+    exchanges started and deferred inputs computed."""
+    dims = MeshDims(world_size=world, ulysses=ulysses, ring=ring)
+    mesh = ParallelMesh(dims)
+    q, k, v = _inputs(seq, batch=batch)
+    padded = seq + pad
+    keep = torch.ones(padded, dtype=torch.bool)
+    if pad:
+        keep[seq:] = False
+        q, k, v = (torch.cat([t, torch.full((batch, t.shape[1], pad, t.shape[3]), 50.0)], dim=2) for t in (q, k, v))
+    chunk = padded // dims.sp
+    idx = mesh.sp.rank_in_group
+    lq, lk, lv = (t[:, :, idx * chunk:(idx + 1) * chunk] for t in (q, k, v))
+    events = []
+    exchange = mesh.ulysses.exchange
+
+    def recording_exchange(name, *args, **kwargs):
+        events.append(f"exchange {name}")
+        return exchange(name, *args, **kwargs)
+
+    mesh.ulysses.exchange = recording_exchange
+
+    def deferred(name, t):
+        def compute():
+            events.append(f"compute {name}")
+            return t
+        return compute
+
+    out = usp_attention(lq, deferred("k", lk), deferred("v", lv), mesh.ulysses, mesh.ring,
+                        kv_keep_global=keep if pad else None)
+    return idx, out, events
+
+
+@pytest.mark.parametrize("world,ulysses,ring,seq,pad,batch", [
+    (2, 2, 1, 16, 0, 1),
+    (2, 2, 1, 15, 1, 2),
+    (4, 2, 2, 29, 3, 1),
+    (4, 4, 1, 30, 2, 1),
+])
+def test_deferred_k_and_v_are_computed_while_q_is_exchanged(world, ulysses, ring, seq, pad, batch):
+    q, k, v = _inputs(seq, batch=batch)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    results = sorted(run_on_ranks(world, _deferred_worker, ulysses, ring, seq, pad, batch), key=lambda r: r[0])
+    out = torch.cat([o for _, o, _ in results], dim=2)[:, :, :seq]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for _, _, events in results:
+        assert events == ["exchange ulysses_q", "compute k", "exchange ulysses_k", "compute v", "exchange ulysses_v",
+                          "exchange ulysses_out0"]
+
+
+def test_deferred_inputs_are_computed_first_without_an_override_that_takes_them():
+    from comfy.ldm.modules.attention import OVERRIDE_KEY, optimized_attention
+
+    q, k, v = _inputs(8, batch=1)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    seen = []
+
+    def plain_override(default_fn, q, k, v, heads, **kwargs):
+        seen.append((torch.is_tensor(k), torch.is_tensor(v)))
+        return default_fn(q, k, v, heads, **kwargs)
+
+    kw = dict(skip_reshape=True, skip_output_reshape=True)
+    out = optimized_attention(q, lambda: k, lambda: v, 4, transformer_options={OVERRIDE_KEY: plain_override}, **kw)
+    assert seen == [(True, True)]
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(optimized_attention(q, lambda: k, lambda: v, 4, **kw), ref)
+
+
 def test_mesh_layout_rules():
     dims = MeshDims(world_size=8, cfg=2, ring=2, ulysses=2)
     g = dims.groups()

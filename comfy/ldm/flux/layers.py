@@ -107,6 +107,13 @@ class Modulation(nn.Module):
             return out[:3], out[3:]
         return out, None
 
+    def chunks(self, silu_vec: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Chunks [start, stop) of (shift1, scale1, gate1, shift2, scale2, gate2), each [B, 1, dim], from
+        silu(vec): only those rows of the weight are read."""
+        dim = self.lin.weight.shape[1]
+        out = linear_rows(self.lin, silu_vec, start * dim, stop * dim)[:, None, :]
+        return out.chunk(stop - start, dim=-1)
+
 
 def _norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """shift + norm(x) * (1 + scale) for an affine-free LayerNorm, in one fused pass on CUDA
@@ -145,8 +152,17 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, transformer_options: dict | None = None):
-        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
-        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
+        # the first shift and scale now; the other four modulation chunks (a GEMV reading two thirds of each
+        # modulation weight) are side work of the attention: under sequence parallel they run while q/k/v are
+        # exchanged
+        silu_vec = F.silu(vec)
+        img_shift1, img_scale1 = self.img_mod.chunks(silu_vec, 0, 2)
+        txt_shift1, txt_scale1 = self.txt_mod.chunks(silu_vec, 0, 2)
+        later: dict = {}
+
+        def modulation_rest():
+            later["img"] = self.img_mod.chunks(silu_vec, 2, 6)
+            later["txt"] = self.txt_mod.chunks(silu_vec, 2, 6)
 
         # joint attention over [txt, img] (the order the checkpoint's RoPE ids are laid out in): q, k and v
         # are written straight into their stream's half of one packed joint buffer, so no concatenation follows
@@ -159,8 +175,10 @@ class DoubleStreamBlock(nn.Module):
         self.img_attn.qkv_rope(_norm_modulate(self.img_norm1, img, img_shift1, img_scale1), img_pe, qkv[:, txt_len:])
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         attn = optimized_attention(q, k, v, heads, mask=attn_mask, skip_reshape=True,
-                                   transformer_options=transformer_options)
+                                   transformer_options=transformer_options, side_work=(modulation_rest,))
         txt_attn, img_attn = attn[:, :txt_len], attn[:, txt_len:]
+        img_gate1, img_shift2, img_scale2, img_gate2 = later["img"]
+        txt_gate1, txt_shift2, txt_scale2, txt_gate2 = later["txt"]
 
         img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
         img = torch.addcmul(img, img_gate2, _mlp(self.img_mlp, _norm_modulate(self.img_norm2, img, img_shift2, img_scale2)))

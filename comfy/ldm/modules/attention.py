@@ -12,6 +12,10 @@ override that sets ``override.accepts_side_work = True`` receives them and may r
 input exchange is in flight and `after` while its output exchange is (sequence parallel); otherwise they
 run before the override is called. Either way each runs exactly once, before the call returns.
 
+Deferred inputs: `k` and `v` may be zero-argument callables that compute the tensor (Wan's self-attention
+passes its k and v projections so). Without an override, or with one that does not set
+``override.accepts_deferred = True``, they are computed first, in order (k, then v); an override that
+accepts them may compute them later, e.g. while q is already being exchanged (sequence parallel).
 Layouts: by default q/k/v are ``[B, L, H*D]`` and the result is ``[B, L, H*D]``. With
 ``skip_reshape=True`` inputs are already ``[B, H, L, D]`` (what the DiTs produce after qk-norm and RoPE);
 with ``skip_output_reshape=True`` the result stays ``[B, H, L, D]``.
@@ -131,6 +135,11 @@ def run_side_work(side_work) -> None:
         step()
 
 
+def materialize(t):
+    """A deferred attention input (a zero-argument callable) computed; a tensor as it is."""
+    return t() if callable(t) else t
+
+
 def optimized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                         mask: torch.Tensor | None = None, attn_precision=None, skip_reshape: bool = False,
                         skip_output_reshape: bool = False,
@@ -138,6 +147,8 @@ def optimized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     """Attention for every DiT; honours ``transformer_options[OVERRIDE_KEY]`` and runs `side_work` (see the
     module docstring)."""
     override: Callable | None = transformer_options.get(OVERRIDE_KEY) if transformer_options else None
+    if override is None or not getattr(override, "accepts_deferred", False):
+        k, v = materialize(k), materialize(v)
     if override is not None:
         extra = {}
         if side_work and getattr(override, "accepts_side_work", False):

@@ -110,11 +110,14 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, transformer_options: dict | None = None):
         b, n, _ = x.shape
-        # [B, L, H, D] layout: RoPE per head, then back to [B, L, H*D] with a free reshape
-        q = apply_rope1(self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim), freqs)
-        k = apply_rope1(self.norm_k(self.k(x)).view(b, n, self.num_heads, self.head_dim), freqs)
-        out = optimized_attention(q.view(b, n, self.dim), k.view(b, n, self.dim), self.v(x), self.num_heads,
-                                  transformer_options=transformer_options)
+
+        def rotated(proj, norm):
+            # [B, L, H, D] layout: RoPE per head, then back to [B, L, H*D] with a free reshape
+            return apply_rope1(norm(proj(x)).view(b, n, self.num_heads, self.head_dim), freqs).view(b, n, self.dim)
+
+        # k and v deferred (attention.py): under sequence parallel q's exchange is in flight while they compute
+        out = optimized_attention(rotated(self.q, self.norm_q), lambda: rotated(self.k, self.norm_k),
+                                  lambda: self.v(x), self.num_heads, transformer_options=transformer_options)
         return self.o(out)
 
 

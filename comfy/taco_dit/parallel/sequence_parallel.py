@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comfy.ldm.modules.attention import CROSS_ATTENTION_KEY, OVERRIDE_KEY, run_side_work
+from comfy.ldm.modules.attention import CROSS_ATTENTION_KEY, OVERRIDE_KEY, materialize, run_side_work
 from comfy.taco_dit.parallel.mesh import GroupHandle, ParallelMesh
 from comfy.taco_dit.parallel.sp_attention import usp_attention
 
@@ -110,6 +110,7 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
         if transformer_options and transformer_options.get(CROSS_ATTENTION_KEY):
             # keys are the text, whole on every rank: local attention is already exact
             run_side_work(side_work)
+            k, v = materialize(k), materialize(v)
             return default_fn(q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
                               skip_output_reshape=skip_output_reshape)
         if mask is not None:
@@ -117,7 +118,12 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
                                       "disable sequence parallel for this model (TACO-DiT Parallel Config)")
         if not skip_reshape:
             b, _, inner = q.shape
-            q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+
+            def heads_view(t):
+                return t.view(b, -1, heads, inner // heads).transpose(1, 2)
+
+            q = heads_view(q)
+            k, v = ((lambda t=t: heads_view(t())) if callable(t) else heads_view(t) for t in (k, v))
         keep = kv_keep.get(q.shape[2]) if isinstance(kv_keep, dict) else kv_keep
         out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_blocks=keep, side_work=side_work)
         if skip_output_reshape:
@@ -125,9 +131,9 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
         b, h, length, d = out.shape
         return out.transpose(1, 2).reshape(b, length, h * d)
 
-    # independent work (Flux single blocks' MLP) runs while the exchanges are in flight; TACO_SP_OVERLAP=0
-    # runs it first instead (for measuring the overlap)
-    override.accepts_side_work = os.environ.get("TACO_SP_OVERLAP", "1") != "0"
+    # independent work (Flux blocks' MLP, modulation) runs while the exchanges are in flight, and deferred k/v
+    # (Wan) compute while q is exchanged; TACO_SP_OVERLAP=0 runs both first instead (for measuring the overlap)
+    override.accepts_side_work = override.accepts_deferred = os.environ.get("TACO_SP_OVERLAP", "1") != "0"
     return override
 
 

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from comfy.ldm.modules.attention import run_side_work, sdpa
+from comfy.ldm.modules.attention import materialize, run_side_work, sdpa
 from comfy.taco_dit.parallel.mesh import GroupHandle
 
 
@@ -158,16 +158,59 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
         recv = arriving[c].wait()
         packed_c = recv.view(p * s, 3, hc, d)[None] if b == 1 else recv.transpose(0, 1).reshape(b, p * s, 3, hc, d)
         qc, kc, vc = packed_c.permute(2, 0, 3, 1, 4).unbind(0)
-        out = ring_attention(qc, kc, vc, ring, keep)  # [B, hc, S, D]
-        # [P, B, S/P, hc, D]: for B == 1 cuDNN's token-major output already is this layout, sent as it is
-        out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1)
-        ex = ulysses.exchange(f"ulysses_out{c}", (b, s, hc, d), q.dtype, q.device, measured=measured)
-        returning.append(ex.start(out, background=background))
+        returning.append(_send_back(ring_attention(qc, kc, vc, ring, keep), ulysses, f"ulysses_out{c}", measured,
+                                    background))
     run_side_work(after)
+    return _interleave(returning, b, s, h, d)
+
+
+def _send_back(out: torch.Tensor, ulysses: GroupHandle, name: str, measured: bool, background: bool):
+    """Start returning attention output [B, hc, S, D] (one head group, the whole sequence) to the ranks whose
+    tokens they are."""
+    p = ulysses.size
+    b, hc, length, d = out.shape
+    s = length // p
+    # [P, B, S/P, hc, D]: for B == 1 cuDNN's token-major output already is this layout, sent as it is
+    out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1)
+    ex = ulysses.exchange(name, (b, s, hc, d), out.dtype, out.device, measured=measured)
+    return ex.start(out, background=background)
+
+
+def _interleave(returning: list, b: int, s: int, h: int, d: int) -> torch.Tensor:
+    """This rank's tokens with every head, [B, H, S/P, D] (token-major in memory), from the returning
+    exchanges of each head group: back[c][r] holds heads r*hp + c*hc ... ."""
     back = [pending.wait() for pending in returning]
-    # back[c][r]: heads r*hp + c*hc ... of this rank's tokens
-    back = back[0][None] if n == 1 else torch.stack(back)
+    back = back[0][None] if len(back) == 1 else torch.stack(back)
     return back.permute(2, 3, 1, 0, 4, 5).reshape(b, s, h, d).transpose(1, 2)
+
+
+def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHandle, keep,
+                    side_work=None) -> torch.Tensor:
+    """Ulysses with q, k and v in separate exchanges, for inputs that are separate tensors (Wan): q's exchange
+    starts first, and k and v, when deferred (callables, attention.py), are computed while the exchanges
+    before them are in flight, so only v's exchange and the return are exposed. Each block is
+    [B, S/P, hp, D] (token-major for one destination's heads), so the arriving q/k/v of B == 1 are read in
+    place as [1, hp, S, D] views."""
+    p = ulysses.size
+    arriving = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        t = materialize(t)
+        b, h, s, d = t.shape
+        hp = h // p
+        # [P, B, S/P, hp, D]: destination r gets heads r*hp ... of this rank's tokens
+        blocks = t.transpose(1, 2).reshape(b, s, p, hp, d).permute(2, 0, 1, 3, 4)
+        ex = ulysses.exchange(f"ulysses_{name}", (b, s, hp, d), t.dtype, t.device)
+        arriving.append(ex.start(blocks))
+    before, after = (list(side_work)[:1], list(side_work)[1:]) if side_work else ([], [])
+    run_side_work(before)
+    qkv = []
+    for pending in arriving:
+        recv = pending.wait()  # [P, B, S/P, hp, D], sequence in rank order
+        qkv.append(recv.view(1, p * s, hp, d).transpose(1, 2) if b == 1
+                   else recv.transpose(0, 1).reshape(b, p * s, hp, d).transpose(1, 2))
+    returning = [_send_back(ring_attention(*qkv, ring, keep), ulysses, "ulysses_out0", False, False)]
+    run_side_work(after)
+    return _interleave(returning, b, s, h, d)
 
 
 def _heads_to_seq(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
@@ -199,6 +242,10 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Gr
         # chunks of sp ranks [slot*U, (slot+1)*U). Each ring block is one such slot.
         blocks = kv_keep_global.reshape(ring.size, -1)
         keep = [None if bool(b.all()) else b.nonzero().squeeze(1).to(q.device) for b in blocks]
+    if callable(k) or callable(v):  # deferred k/v (attention.py)
+        if ulysses.size > 1:
+            return _ulysses_staged(q, k, v, ulysses, ring, keep, side_work)
+        k, v = materialize(k), materialize(v)
     if ulysses.size > 1 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
         return _ulysses_attention(q, k, v, ulysses, ring, keep, side_work)
     run_side_work(side_work)
