@@ -309,16 +309,19 @@ if [ "$what" = s14 ]; then
 fi
 if [ "$what" = s15 ]; then
   # fifth session, Wan 14B guided step: k and v deferred (computed while q's exchange is in flight) under
-  # CFG 2 x Ulysses 2, against TACO_SP_OVERLAP=0 (the previous path) and the 1-GPU baseline of this call
+  # CFG 2 x Ulysses 2, against TACO_SP_OVERLAP=0 (the previous path) and the 1-GPU baseline of this call;
+  # alongside the baseline, where the VAE decode and the PNG save of the fork path go (GPU 3); then a
+  # Flux Ulysses-4 profile with the double blocks' modulation as side work
   f15() { grep -E '^\{|Error|error:|refused|capture' | grep -v Warning; }
   ( CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
       2>&1 | f15 ) &
-  ( export CUDA_VISIBLE_DEVICES=1,2; TACO_SP_OVERLAP=1 timeout 200 torchrun --nproc_per_node=2 --master_port 29624 \
-      benchmarks/bench_wan_step.py --configs u2 --out "$OUT/wan_step_u2.jsonl" 2>&1 | f15 ) &
+  ( CUDA_VISIBLE_DEVICES=3 timeout 150 python3 benchmarks/bench_vae_decode.py --out "$OUT/vae.jsonl" 2>&1 | f15 ) &
   wait
   for ov in 1 0; do
     TACO_SP_OVERLAP=$ov timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
       --out "$OUT/wan_cfg_step_overlap$ov.jsonl" > "$OUT/wan_$ov.log" 2>&1; echo "wan overlap=$ov rc=$?"; f15 < "$OUT/wan_$ov.log"
+    [ $ov = 1 ] && timeout 80 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 1024 --config u4 \
+      --graph --out "$OUT/profile.jsonl" > "$OUT/profile_u4.log" 2>&1
   done
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
