@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -323,6 +323,27 @@ if [ "$what" = s15 ]; then
     [ $ov = 1 ] && timeout 80 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 1024 --config u4 \
       --graph --out "$OUT/profile.jsonl" > "$OUT/profile_u4.log" 2>&1
   done
+fi
+if [ "$what" = s16 ]; then
+  # fifth session: symmetric-memory copies to each peer on their own copy-engine stream; the VAE decode's
+  # image scaled on the GPU. A (side by side): 1-GPU steps (GPU 0), the 1-GPU fork path (GPU 1), the VAE
+  # decode bench (GPU 2), the PNG writer's thread scaling on this host's CPUs. B: Ulysses 4 steps (and with
+  # no side work, TACO_SP_OVERLAP=0), the 4-GPU fork path against the 1-GPU PNG.
+  f16() { grep -E '^\{|Error|error:|refused|capture|Sampling:|cpu_count|level|noise|smooth' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 110 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f16 ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
+      --out "$OUT/e2e.jsonl" 2>&1 | f16 ) &
+  ( CUDA_VISIBLE_DEVICES=2 timeout 120 python3 benchmarks/bench_vae_decode.py --out "$OUT/vae.jsonl" 2>&1 | f16 ) &
+  ( timeout 120 python3 benchmarks/bench_png_writer.py --repeat 5 > "$OUT/png_writer.txt" 2>&1 ) &
+  wait
+  for ov in 1 0; do
+    TACO_SP_OVERLAP=$ov timeout 75 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --configs u4 --out "$OUT/step_overlap$ov.jsonl" 2>&1 | f16
+  done
+  timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f16
+  cat "$OUT/png_writer.txt"
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

@@ -11,9 +11,9 @@ Both give the same interface: `start(blocks)` sends `blocks[r]` to group rank r 
 `fn(targets)` writes each rank's block into `targets[r]`: a list of the peers' buffers, or NCCL's whole
 local `[P, *block]` send buffer) and returns a `Pending` whose `wait()` gives the
 received `[P, *block]` tensor, block r from group rank r. Work queued between the two overlaps the exchange.
-With `background=True` a symmetric exchange moves contiguous blocks with device-to-device memcpys on a side
-stream: the GPUs' copy engines carry them, leaving every SM to the overlapped work (an NCCL all-to-all
-occupies SMs of its own).
+With `background=True` a symmetric exchange moves contiguous blocks with device-to-device memcpys on side
+streams, one per destination: the GPUs' copy engines carry them, several at once, leaving every SM to the
+overlapped work (an NCCL all-to-all occupies SMs of its own).
 
 Reuse of a symmetric receive buffer: a peer writes into it as soon as it has passed the barrier of the
 group's previous exchange. So a rank must have read one exchange's data before it enters the group's next
@@ -127,25 +127,26 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
 _side_streams: dict = {}
 
 
-def _side_stream(device: torch.device):
-    stream = _side_streams.get(device)
+def _side_stream(device: torch.device, lane: int = 0):
+    """Side stream `lane` of `device` (one per destination, so the copies to different peers run at once)."""
+    stream = _side_streams.get((device, lane))
     if stream is None:
-        stream = _side_streams[device] = torch.cuda.Stream(device=device)
+        stream = _side_streams[(device, lane)] = torch.cuda.Stream(device=device)
     return stream
 
 
 class Pending:
     """An exchange in flight; `wait()` orders the current stream after it and returns what arrived."""
 
-    def __init__(self, recv: torch.Tensor, work=None, stream=None, barrier=None, keep=None):
-        self.recv, self.work, self.stream, self.barrier = recv, work, stream, barrier
+    def __init__(self, recv: torch.Tensor, work=None, streams=(), barrier=None, keep=None):
+        self.recv, self.work, self.streams, self.barrier = recv, work, streams, barrier
         self.keep = keep  # the sent tensor, alive until the exchange is waited for
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
             self.work.wait()
-        if self.stream is not None:
-            torch.cuda.current_stream(self.recv.device).wait_stream(self.stream)
+        for stream in self.streams:
+            torch.cuda.current_stream(self.recv.device).wait_stream(stream)
         if self.barrier is not None:
             self.barrier()
         self.keep = None
@@ -207,9 +208,14 @@ class SymmetricExchange:
                 target.copy_(blocks[r])
             return Pending(recv, barrier=self._barrier)
         src = blocks if blocks.is_contiguous() else blocks.contiguous()
-        side = _side_stream(recv.device)
-        side.wait_stream(torch.cuda.current_stream(recv.device))
-        with torch.cuda.stream(side):
-            for r, target in enumerate(targets):
-                target.copy_(src[r])  # contiguous: a memcpy, carried by a copy engine
-        return Pending(recv, stream=side, barrier=self._barrier, keep=src)
+        main = torch.cuda.current_stream(recv.device)
+        streams = []
+        # one side stream per destination: the copies to the peers (and this rank's own block) run at once
+        # on several copy engines instead of one after another
+        for lane, r in enumerate(sorted(range(len(targets)), key=lambda r: r == self.rank)):  # peers first
+            side = _side_stream(recv.device, lane)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                targets[r].copy_(src[r])  # contiguous: a memcpy, carried by a copy engine
+            streams.append(side)
+        return Pending(recv, streams=streams, barrier=self._barrier, keep=src)
