@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -344,6 +344,27 @@ if [ "$what" = s16 ]; then
   timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
     --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f16
   cat "$OUT/png_writer.txt"
+fi
+if [ "$what" = s17 ]; then
+  # fifth session: Flux's packed q/k/v sent by 2-D memcpys straight from the packed buffer (no contiguous
+  # copy first), against TACO_CE_2D=0. A (side by side): 1-GPU steps at 1024² and 2048² (GPU 0), the 1-GPU
+  # fork path (GPU 1), Ulysses 2 with and without (GPUs 2-3). B: Ulysses 4 at both sizes, without at 1024²,
+  # the 4-GPU fork path against the 1-GPU PNG.
+  f17() { grep -E '^\{|Error|error:|refused|capture|Sampling:' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f17 ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
+      --out "$OUT/e2e.jsonl" 2>&1 | f17 ) &
+  ( export CUDA_VISIBLE_DEVICES=2,3; for c2 in 1 0; do
+      TACO_CE_2D=$c2 timeout 65 torchrun --nproc_per_node=2 --master_port 29625 benchmarks/bench_flux_step.py \
+        --sizes 1024 --graph --configs u2 --out "$OUT/step_ce2d$c2.jsonl" 2>&1 | f17; done ) &
+  wait
+  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --configs u4 \
+    --out "$OUT/step_ce2d1.jsonl" 2>&1 | f17
+  TACO_CE_2D=0 timeout 75 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+    --configs u4 --out "$OUT/step_ce2d0.jsonl" 2>&1 | f17
+  timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f17
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

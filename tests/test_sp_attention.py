@@ -262,3 +262,25 @@ def test_exchange_falls_back_to_nccl_when_symmetric_memory_fails(monkeypatch, ca
     # later shapes do not try again
     assert isinstance(group.exchange("ulysses_out0", (1, 4, 2, 8), torch.float32, torch.device("cpu")),
                       exchange.NcclExchange)
+
+
+def test_pitched_rows_finds_the_2d_regions_copied_by_one_memcpy():
+    from comfy.taco_dit.parallel.exchange import pitched_rows
+
+    s, h, d, p = 5, 8, 4, 4
+    hp = h // p
+    packed = torch.arange(s * 3 * h * d).reshape(1, s, 3, h, d)
+    # one destination's heads of packed q/k/v, as the Ulysses exchange sends them: 3*S rows of hp*D, H*D apart
+    blocks = packed.unflatten(3, (p, 1, hp)).permute(4, 3, 0, 1, 2, 5, 6)[0]
+    for r in range(p):
+        rows, width, pitch = pitched_rows(blocks[r])
+        assert (rows, width, pitch) == (3 * s, hp * d, h * d)
+        # the region those numbers describe holds exactly the block's elements, in order
+        flat = packed.reshape(-1)[blocks[r].storage_offset():]
+        region = torch.stack([flat[i * pitch:i * pitch + width] for i in range(rows)])
+        assert torch.equal(region.reshape(-1), blocks[r].reshape(-1))
+    assert pitched_rows(torch.zeros(4, 5)) is None  # contiguous: a plain memcpy
+    assert pitched_rows(torch.zeros(4, 6, 2)[:, :3]) == (4, 6, 12)
+    assert pitched_rows(torch.zeros(4, 6, 2)[::2, :3]) == (2, 6, 24)
+    assert pitched_rows(torch.zeros(6, 4).t()) is None  # no contiguous run
+    assert pitched_rows(torch.zeros(3, 4, 6)[:, :2, :2]) is None  # rows 6 apart in pairs 24 apart: not one pitch

@@ -25,6 +25,7 @@ in a row, it adds a barrier before the writes, which makes the reuse safe in eve
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import math
@@ -124,6 +125,53 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
     return "nccl"
 
 
+_memcpy2d_fn: list = []  # [cudaMemcpy2DAsync or None], looked up once
+
+
+def _memcpy2d():
+    """cudaMemcpy2DAsync of the CUDA runtime this process already loaded (torch's), or None where there is
+    none to find (e.g. a runtime linked statically): callers then copy through a contiguous buffer.
+    `TACO_CE_2D=0` turns it off."""
+    if not _memcpy2d_fn:
+        fn = None
+        if os.environ.get("TACO_CE_2D", "1") != "0":
+            try:
+                with open("/proc/self/maps") as maps:
+                    paths = sorted({line.split()[-1] for line in maps if "libcudart.so" in line and "/" in line})
+                if paths:
+                    fn = ctypes.CDLL(paths[0]).cudaMemcpy2DAsync
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                                   ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+                    fn.restype = ctypes.c_int
+            except (OSError, AttributeError) as e:
+                logging.info("No cudaMemcpy2DAsync (%s): strided exchange blocks go through a contiguous copy", e)
+                fn = None
+        _memcpy2d_fn.append(fn)
+    return _memcpy2d_fn[0]
+
+
+def pitched_rows(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(rows, row width, row pitch), in elements, when `t` is rows of one contiguous run each at one fixed
+    stride (a 2-D pitched region, e.g. one destination's heads of a packed [S, 3, H, D] q/k/v buffer: 3*S
+    rows of hp*D elements, H*D apart), else None (also for a contiguous tensor, or single-element rows)."""
+    dims = [(n, st) for n, st in zip(t.shape, t.stride()) if n != 1]
+    if not dims:
+        return None
+    width, expect = 1, 1
+    while dims and dims[-1][1] == expect:  # the contiguous inner run
+        n, _ = dims.pop()
+        width *= n
+        expect = width
+    if not dims or width == 1:
+        return None  # contiguous (a plain copy), or no contiguous run to move per row
+    rows, pitch = dims[-1]
+    for n, st in reversed(dims[:-1]):
+        if st != pitch * rows:
+            return None
+        rows *= n
+    return rows, width, pitch
+
+
 _side_streams: dict = {}
 
 
@@ -207,7 +255,14 @@ class SymmetricExchange:
             for r, target in enumerate(targets):
                 target.copy_(blocks[r])
             return Pending(recv, barrier=self._barrier)
-        src = blocks if blocks.is_contiguous() else blocks.contiguous()
+        # strided blocks that are 2-D pitched regions (Flux's packed q/k/v) go by 2-D memcpy straight from where
+        # they lie; other strided blocks through one contiguous copy first
+        pitched = _memcpy2d() if not blocks.is_contiguous() else None
+        shape = pitched and pitched_rows(blocks[0])
+        if pitched is None or shape is None or any(pitched_rows(blocks[r]) != shape for r in range(len(targets))):
+            pitched, src = None, (blocks if blocks.is_contiguous() else blocks.contiguous())
+        else:
+            src = blocks
         main = torch.cuda.current_stream(recv.device)
         streams = []
         # one side stream per destination: the copies to the peers (and this rank's own block) run at once
@@ -215,7 +270,15 @@ class SymmetricExchange:
         for lane, r in enumerate(sorted(range(len(targets)), key=lambda r: r == self.rank)):  # peers first
             side = _side_stream(recv.device, lane)
             side.wait_stream(main)
-            with torch.cuda.stream(side):
-                targets[r].copy_(src[r])  # contiguous: a memcpy, carried by a copy engine
+            if pitched is None:
+                with torch.cuda.stream(side):
+                    targets[r].copy_(src[r])  # contiguous: a memcpy, carried by a copy engine
+            else:
+                rows, width, pitch = shape
+                size = src.element_size()
+                err = pitched(targets[r].data_ptr(), width * size, src[r].data_ptr(), pitch * size, width * size,
+                              rows, 3, side.cuda_stream)  # 3: cudaMemcpyDeviceToDevice
+                if err:
+                    raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}; set TACO_CE_2D=0")
             streams.append(side)
         return Pending(recv, streams=streams, barrier=self._barrier, keep=src)
