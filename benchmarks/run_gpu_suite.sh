@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -378,6 +378,19 @@ if [ "$what" = s18 ]; then
     --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f18
   timeout 100 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
     --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f18
+fi
+if [ "$what" = s19 ]; then
+  # fifth session: Wan 14B guided step under CFG 2 x Ulysses 2 with symmetric memory on each Ulysses pair
+  # (TACO_A2A=symm: q, k, v and the output by copy engine, 2-D memcpys straight from the projections), with
+  # the 1-GPU baseline of this call; beside it, the PNG writer's thread scaling on this host's CPUs
+  f19() { grep -E '^\{|Error|error:|refused|capture|hang|Traceback' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
+      2>&1 | f19 ) &
+  ( sleep 60; timeout 100 python3 benchmarks/bench_png_writer.py --repeat 7 > "$OUT/png_writer.txt" 2>&1 ) &
+  wait
+  TACO_A2A=symm timeout 170 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+    --out "$OUT/wan_cfg_step_symm.jsonl" > "$OUT/wan_symm.log" 2>&1; echo "wan symm rc=$?"; f19 < "$OUT/wan_symm.log"
+  head -12 "$OUT/png_writer.txt"
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

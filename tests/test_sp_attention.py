@@ -227,6 +227,28 @@ def test_exchange_transport_choice(monkeypatch):
     assert transport(torch.device("cuda", 0), pair, measured=False) == "nccl"
 
 
+def test_symmetric_memory_groups_one_host(monkeypatch):
+    """Auto takes symmetric memory only for a group of every rank of the host; TACO_A2A=symm also for a
+    sub-group (e.g. each Ulysses pair of CFG 2 x Ulysses 2), never across hosts."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from comfy.taco_dit.parallel import exchange
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    pair, world = (SimpleNamespace(size=n, group=object(), _exchanges={}) for n in (2, 4))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert exchange._on_one_host(world, whole_world=True)
+    assert not exchange._on_one_host(pair, whole_world=True)
+    assert exchange._on_one_host(pair, whole_world=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two GPUs: peers' memory is not mapped
+    assert not exchange._on_one_host(pair, whole_world=False)
+    assert not exchange._on_one_host(world, whole_world=True)
+
+
 def test_ring_blocks_find_the_real_keys_once_from_the_host_counts():
     from comfy.taco_dit.parallel.sequence_parallel import TokenSplit, real_tokens, ring_blocks
 

@@ -72,14 +72,16 @@ def enable_group(group_name: str) -> None:
 MAX_SYMMETRIC = 8  # symmetric exchanges kept per group (one per message shape); later shapes use NCCL
 
 
-def _whole_world_on_one_host(group) -> bool:
+def _on_one_host(group, whole_world: bool) -> bool:
+    """Every rank of the job on this host (so every rank of `group` has peer-mapped memory), and, with
+    `whole_world`, `group` spanning them all."""
     import torch.distributed as dist
 
     if group is None or group.group is None or not dist.is_initialized():
         return False
     world = dist.get_world_size()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return group.size == world == local and torch.cuda.device_count() >= world
+    return world == local and torch.cuda.device_count() >= world and (group.size == world or not whole_world)
 
 
 def _peer_access(n: int) -> bool:
@@ -95,8 +97,9 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
     fewer than MAX_SYMMETRIC message shapes so far. On 4 x H200: Flux Ulysses 4 at 1024² 42.3 against
     44.1 ms with NCCL, at 2048² 191.8 against 196.6 ms, Ulysses 2 75.1 against 79.6 ms (benchmarks/
     RESULTS.md). Everything else uses NCCL; in particular smaller groups (e.g. CFG 2 x Ulysses 2), where a
-    symmetric-memory rendezvous hung in our 4-GPU run. `TACO_A2A=nccl` always uses NCCL; `symm` asks for
-    symmetric memory for every exchange the group and GPUs allow, measured or not."""
+    symmetric-memory run hung in a 4-GPU run of the fourth session (a rendezvous on each pair alone works:
+    benchmarks/probe_symm_subgroups.py). `TACO_A2A=nccl` always uses NCCL; `symm` asks for symmetric memory
+    for every exchange the GPUs allow, measured or not, sub-groups of a one-host job included."""
     want = os.environ.get("TACO_A2A", "auto").strip().lower() or "auto"
     if want not in ("auto", "nccl", "symm"):
         raise ValueError(f"TACO_A2A={want!r} is not a transport; use TACO_A2A=auto, nccl or symm")
@@ -105,8 +108,9 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
     why = None
     if device.type != "cuda":
         why = f"it needs GPUs (tensors on {device.type})"
-    elif not _whole_world_on_one_host(group):
-        why = "the sequence group is not every rank of one host"
+    elif not _on_one_host(group, whole_world=want == "auto"):
+        why = ("the sequence group is not every rank of one host" if want == "auto"
+               else "the ranks are not all on one host")
     elif sum(isinstance(e, SymmetricExchange) for e in group._exchanges.values()) >= MAX_SYMMETRIC:
         why = f"{MAX_SYMMETRIC} message shapes already hold symmetric buffers"
     else:

@@ -193,6 +193,7 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
     place as [1, hp, S, D] views."""
     p = ulysses.size
     arriving = []
+    background = q.shape[0] == 1  # symmetric memory: copy-engine memcpys (2-D where strided), beside the GEMMs
     for name, t in (("q", q), ("k", k), ("v", v)):
         t = materialize(t)
         b, h, s, d = t.shape
@@ -200,7 +201,7 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
         # [P, B, S/P, hp, D]: destination r gets heads r*hp ... of this rank's tokens
         blocks = t.transpose(1, 2).reshape(b, s, p, hp, d).permute(2, 0, 1, 3, 4)
         ex = ulysses.exchange(f"ulysses_{name}", (b, s, hp, d), t.dtype, t.device)
-        arriving.append(ex.start(blocks))
+        arriving.append(ex.start(blocks, background=background))
     before, after = (list(side_work)[:1], list(side_work)[1:]) if side_work else ([], [])
     run_side_work(before)
     qkv = []
@@ -208,7 +209,7 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
         recv = pending.wait()  # [P, B, S/P, hp, D], sequence in rank order
         qkv.append(recv.view(1, p * s, hp, d).transpose(1, 2) if b == 1
                    else recv.transpose(0, 1).reshape(b, p * s, hp, d).transpose(1, 2))
-    returning = [_send_back(ring_attention(*qkv, ring, keep), ulysses, "ulysses_out0", False, False)]
+    returning = [_send_back(ring_attention(*qkv, ring, keep), ulysses, "ulysses_out0", False, background)]
     run_side_work(after)
     return _interleave(returning, b, s, h, d)
 
