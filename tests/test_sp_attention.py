@@ -228,8 +228,8 @@ def test_exchange_transport_choice(monkeypatch):
 
 
 def test_symmetric_memory_groups_one_host(monkeypatch):
-    """Auto takes symmetric memory only for a group of every rank of the host; TACO_A2A=symm also for a
-    sub-group (e.g. each Ulysses pair of CFG 2 x Ulysses 2), never across hosts."""
+    """Symmetric memory only for a group of every rank of one host: sub-groups (e.g. the Ulysses pairs of
+    CFG 2 x Ulysses 2) hung on GPUs, and ranks on other hosts have no mapped memory."""
     from types import SimpleNamespace
 
     import torch.distributed as dist

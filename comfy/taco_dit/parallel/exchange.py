@@ -96,10 +96,10 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
     GPUs, with a sequence group that is the whole world on one host, peer access between all GPUs, and
     fewer than MAX_SYMMETRIC message shapes so far. On 4 x H200: Flux Ulysses 4 at 1024² 42.3 against
     44.1 ms with NCCL, at 2048² 191.8 against 196.6 ms, Ulysses 2 75.1 against 79.6 ms (benchmarks/
-    RESULTS.md). Everything else uses NCCL; in particular smaller groups (e.g. CFG 2 x Ulysses 2), where a
-    symmetric-memory run hung in a 4-GPU run of the fourth session (a rendezvous on each pair alone works:
-    benchmarks/probe_symm_subgroups.py). `TACO_A2A=nccl` always uses NCCL; `symm` asks for symmetric memory
-    for every exchange the GPUs allow, measured or not, sub-groups of a one-host job included."""
+    RESULTS.md). Everything else uses NCCL; in particular smaller groups (e.g. the Ulysses pairs of CFG 2 x
+    Ulysses 2), where symmetric memory hung in two 4-GPU Wan runs (fourth and fifth session), although a
+    rendezvous on each pair alone works (benchmarks/probe_symm_subgroups.py). `TACO_A2A=nccl` always uses
+    NCCL; `symm` asks for symmetric memory for every exchange on a whole-host group, measured or not."""
     want = os.environ.get("TACO_A2A", "auto").strip().lower() or "auto"
     if want not in ("auto", "nccl", "symm"):
         raise ValueError(f"TACO_A2A={want!r} is not a transport; use TACO_A2A=auto, nccl or symm")
@@ -108,9 +108,8 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
     why = None
     if device.type != "cuda":
         why = f"it needs GPUs (tensors on {device.type})"
-    elif not _on_one_host(group, whole_world=want == "auto"):
-        why = ("the sequence group is not every rank of one host" if want == "auto"
-               else "the ranks are not all on one host")
+    elif not _on_one_host(group, whole_world=True):
+        why = "the sequence group is not every rank of one host"
     elif sum(isinstance(e, SymmetricExchange) for e in group._exchanges.values()) >= MAX_SYMMETRIC:
         why = f"{MAX_SYMMETRIC} message shapes already hold symmetric buffers"
     else:
