@@ -315,11 +315,19 @@ class SaveImage:
                         logging.warning("SaveImage: extra_pnginfo item left out of the PNG: %s", problem)
             name = filename.replace("%batch_num%", str(batch_number))
             file = f"{name}_{counter:05}_.png"
-            # comfy/png_writer: multi-threaded encoder writing the same tEXt/iTXt chunks as PngInfo.add_text
-            save_png(os.path.join(full_output_folder, file), arr, text=metadata, compress_level=self.compress_level)
+            # comfy/png_writer: multi-threaded encoder writing the same tEXt/iTXt chunks as PngInfo.add_text;
+            # in a multi-GPU job the ranks (which all run this node, with the same image) encode it together
+            save_png(os.path.join(full_output_folder, file), arr, text=metadata, compress_level=self.compress_level,
+                     share=_png_share())
             results.append({"filename": file, "subfolder": subfolder, "type": self.type})
             counter += 1
         return {"ui": {"images": results}}
+
+
+def _png_share():
+    from comfy.taco_dit.core.execution_engine import png_share
+
+    return png_share()
 
 
 class PreviewImage(SaveImage):

@@ -186,13 +186,19 @@ def main() -> None:
     lockstep = None
     if world > 1:
         from comfy.taco_dit.core.distributed_manager import init_distributed
-        from comfy.taco_dit.core.execution_engine import FollowerServer, Lockstep, install_step_agreement
+        from comfy.taco_dit.core.execution_engine import (
+            FollowerServer,
+            Lockstep,
+            install_runtime,
+            install_step_agreement,
+        )
 
         config = ParallelConfig(world_size=world, optimization={"use_cuda_graph": graph_setting},
                                 **parse_config(args.config))
         dm = init_distributed(cpu=not torch.cuda.is_available(), follower_timeout=120.0, parallel_config=config, start_heartbeat=False)
         lockstep = Lockstep(dm)
         install_step_agreement(lockstep)
+        install_runtime(dm, config, lockstep)  # as main.py's run() does (SaveImage's shared PNG encode)
         model_wrapper.set_runtime(config)
         server = FollowerServer()
     else:

@@ -282,3 +282,92 @@ def test_save_image_keeps_the_image_when_a_metadata_key_is_not_a_png_keyword(tmp
     with Image.open(path) as im:
         assert json.loads(im.text["workflow"]) == {"a": 1} and "prompt" in im.text
         assert len(im.text) == 2
+
+
+def _shared_encode_worker(rank, world, same):
+    """Each rank encodes an image with the others (BandShare over gloo), counting the bands it compressed."""
+    import torch.distributed as dist
+
+    from comfy.png_writer import BandShare
+
+    def gather(obj):
+        out = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    compressed = []
+    inner = png_writer._compress_band
+
+    def counting(*a, **k):
+        compressed.append(a[1])
+        return inner(*a, **k)
+
+    png_writer._compress_band = counting
+    seed = 0 if same else rank + 1
+    img = np.random.default_rng(seed).integers(0, 256, (512, 1024, 3), dtype=np.uint8)  # 1.5 MiB: split
+    data = encode_png(img, {"prompt": "{}"}, compress_level=1, threads=2, share=BandShare(rank, world, gather))
+    return data, img, len(compressed)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_holding_the_same_image_encode_it_together(world):
+    from tests.parallel_helpers import run_on_ranks
+
+    results = run_on_ranks(world, _shared_encode_worker, True)
+    first = results[0][0]
+    assert all(data == first for data, _, _ in results)  # every rank writes the same file
+    decoded = np.asarray(Image.open(io.BytesIO(first)))
+    assert np.array_equal(decoded, results[0][1])
+    counts = [n for _, _, n in results]
+    assert sum(counts) == 2 * world  # world * threads bands, each compressed by exactly one rank
+    assert all(n == 2 for n in counts)
+
+
+def test_ranks_with_different_images_each_encode_their_own():
+    from tests.parallel_helpers import run_on_ranks
+
+    for data, img, n in run_on_ranks(2, _shared_encode_worker, False):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), img)
+        assert n == 2 + 4  # its share of the 4 bands, then (the CRCs differ) all 4 of its own image
+
+
+def _save_image_on_rank(dm, out_root):
+    """SaveImage as a rank of a multi-rank job runs it: the runtime installed, the same image everywhere."""
+    import os
+
+    import folder_paths
+    import nodes
+    from comfy.taco_dit.core import execution_engine
+
+    execution_engine.install_runtime(dm, None, None)
+    out = os.path.join(out_root, f"rank{dm.rank}")
+    os.makedirs(out, exist_ok=True)
+    folder_paths.set_output_directory(out)
+    g = torch.Generator().manual_seed(7)
+    images = torch.rand(1, 512, 1024, 3, generator=g)
+    node = nodes.SaveImage()
+    node.output_dir = out
+    result = node.save_images(images, filename_prefix="shared", prompt={"1": {"class_type": "x"}})
+    name = result["ui"]["images"][0]["filename"]
+    with open(os.path.join(out, name), "rb") as f:
+        data = f.read()
+    expected = np.clip(255.0 * images[0].numpy(), 0, 255).astype(np.uint8)
+    return data, expected
+
+
+def test_save_image_in_a_multi_rank_job_encodes_on_every_rank_together(tmp_path):
+    from tests.multirank_helpers import spawn
+
+    results = spawn(2, _save_image_on_rank, str(tmp_path), timeout=30.0)
+    (data0, expected), (data1, _) = results
+    assert data0 == data1
+    png = Image.open(io.BytesIO(data0))
+    assert np.array_equal(np.asarray(png), expected)
+    assert png.text["prompt"] == '{"1": {"class_type": "x"}}'  # the metadata chunk is kept
+    # each band is one IDAT chunk: the ranks cut the image into world * threads bands (256 KiB at least)
+    idat, pos = 0, 8
+    while pos < len(data0):
+        length, kind = struct.unpack(">I4s", data0[pos:pos + 8])
+        idat += kind == b"IDAT"
+        pos += 12 + length
+    assert idat == min(2 * png_writer.default_threads(), 512 * (1024 * 3 + 1) // (256 << 10))

@@ -82,6 +82,15 @@ class DistributedManager:
             raise RankLostError(self._lost_message(e)) from e
         return out
 
+    def band_share(self):
+        """The ranks as a png_writer.BandShare (SaveImage encodes each PNG on every rank's CPUs together);
+        None in a single process."""
+        if self.world_size == 1:
+            return None
+        from comfy.png_writer import BandShare
+
+        return BandShare(self.rank, self.world_size, self.all_gather_object)
+
     def _lost_message(self, e: Exception) -> str:
         dead = self.heartbeat.dead_ranks() if self.heartbeat is not None else []
         who = f"rank(s) {dead}" if dead else "another rank"

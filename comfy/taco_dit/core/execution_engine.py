@@ -74,6 +74,19 @@ def current_runtime() -> Runtime | None:
     return _RUNTIME
 
 
+def install_runtime(dm: DistributedManager, config, lockstep: Lockstep) -> Runtime:
+    """Make `current_runtime()` return this process's runtime (run() does; so do benchmarks that build one)."""
+    global _RUNTIME
+    _RUNTIME = Runtime(dm, config, lockstep)
+    return _RUNTIME
+
+
+def png_share():
+    """The ranks that encode a saved PNG together (png_writer.BandShare), or None in a single process. Only
+    for nodes every rank runs at the same point (SaveImage, PreviewImage): encoding is a collective."""
+    return _RUNTIME.dm.band_share() if _RUNTIME is not None else None
+
+
 def is_leader() -> bool:
     """True on the rank that owns side effects (rank 0, or the only process)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -681,8 +694,7 @@ def run(args, start_server, cache_settings=None) -> None:
                           on_dead=on_dead)
     lockstep = Lockstep(dm)
     install_step_agreement(lockstep)
-    global _RUNTIME
-    _RUNTIME = Runtime(dm, config, lockstep)
+    install_runtime(dm, config, lockstep)
     from comfy.taco_dit.core import model_wrapper
 
     model_wrapper.set_runtime(config)  # the sampler's parallel plan starts from this validated config
