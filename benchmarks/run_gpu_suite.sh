@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -366,8 +366,9 @@ if [ "$what" = s17 ]; then
   timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
     --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f17
 fi
-if [ "$what" = s18 ]; then
-  # fifth session: the fork path once more (end-to-end ratio), 1 GPU then 4 GPUs, with 1-GPU steps beside
+if [ "$what" = s18 ] || [ "$what" = s20 ]; then
+  # fifth session: the fork path once more (end-to-end ratio), 1 GPU then 4 and 2 GPUs, with 1-GPU steps
+  # beside (s20: the same, after SaveImage's PNG encode was shared by the ranks)
   f18() { grep -E '^\{|Error|error:|refused|capture|Sampling:' | grep -v Warning; }
   ( CUDA_VISIBLE_DEVICES=0 timeout 110 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
       --out "$OUT/step.jsonl" 2>&1 | f18 ) &
