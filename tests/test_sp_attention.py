@@ -241,12 +241,15 @@ def test_symmetric_memory_groups_one_host(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     pair, world = (SimpleNamespace(size=n, group=object(), _exchanges={}) for n in (2, 4))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert exchange._on_one_host(world, whole_world=True)
-    assert not exchange._on_one_host(pair, whole_world=True)
-    assert exchange._on_one_host(pair, whole_world=False)
+    assert exchange._whole_host(world)
+    assert not exchange._whole_host(pair)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two GPUs: peers' memory is not mapped
-    assert not exchange._on_one_host(pair, whole_world=False)
-    assert not exchange._on_one_host(world, whole_world=True)
+    assert not exchange._whole_host(pair)
+    assert not exchange._whole_host(world)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("TACO_A2A", "symm")  # a pair of one host: not even when asked for
+    monkeypatch.setattr(exchange, "_peer_access", lambda n: True)
+    assert exchange.transport(torch.device("cuda", 0), pair, measured=True) == "nccl"
 
 
 def test_ring_blocks_find_the_real_keys_once_from_the_host_counts():

@@ -72,16 +72,15 @@ def enable_group(group_name: str) -> None:
 MAX_SYMMETRIC = 8  # symmetric exchanges kept per group (one per message shape); later shapes use NCCL
 
 
-def _on_one_host(group, whole_world: bool) -> bool:
-    """Every rank of the job on this host (so every rank of `group` has peer-mapped memory), and, with
-    `whole_world`, `group` spanning them all."""
+def _whole_host(group) -> bool:
+    """`group` is every rank of the job, and they all run on this host (peer-mapped memory)."""
     import torch.distributed as dist
 
     if group is None or group.group is None or not dist.is_initialized():
         return False
     world = dist.get_world_size()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return world == local and torch.cuda.device_count() >= world and (group.size == world or not whole_world)
+    return group.size == world == local and torch.cuda.device_count() >= world
 
 
 def _peer_access(n: int) -> bool:
@@ -108,7 +107,7 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
     why = None
     if device.type != "cuda":
         why = f"it needs GPUs (tensors on {device.type})"
-    elif not _on_one_host(group, whole_world=True):
+    elif not _whole_host(group):
         why = "the sequence group is not every rank of one host"
     elif sum(isinstance(e, SymmetricExchange) for e in group._exchanges.values()) >= MAX_SYMMETRIC:
         why = f"{MAX_SYMMETRIC} message shapes already hold symmetric buffers"
