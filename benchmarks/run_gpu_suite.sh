@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -392,6 +392,19 @@ if [ "$what" = s19 ]; then
   TACO_A2A=symm timeout 170 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
     --out "$OUT/wan_cfg_step_symm.jsonl" > "$OUT/wan_symm.log" 2>&1; echo "wan symm rc=$?"; f19 < "$OUT/wan_symm.log"
   head -12 "$OUT/png_writer.txt"
+fi
+if [ "$what" = s21 ]; then
+  # prepared for the next session: where the 2-GPU Flux step goes now (2-D memcpy exchanges, double-block side
+  # work), beside a 1-GPU profile, then the 4-GPU profile; raw logs in $OUT
+  ( CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/profile_flux_step.py --sizes 1024 \
+      --out "$OUT/profile.jsonl" > "$OUT/profile_1gpu.log" 2>&1 ) &
+  ( export CUDA_VISIBLE_DEVICES=2,3; timeout 100 torchrun --nproc_per_node=2 --master_port 29626 \
+      benchmarks/profile_flux_step.py --sizes 1024 --config u2 --graph --out "$OUT/profile.jsonl" \
+      > "$OUT/profile_u2.log" 2>&1 ) &
+  wait
+  timeout 100 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 1024 --config u4 --graph \
+    --out "$OUT/profile.jsonl" > "$OUT/profile_u4.log" 2>&1
+  grep -h '^{' "$OUT/profile.jsonl" | cut -c1-400
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
