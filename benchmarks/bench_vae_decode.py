@@ -4,7 +4,7 @@ real comfy.vae.VAE path) and the SaveImage work on its output (float IMAGE -> ui
     python3 benchmarks/bench_vae_decode.py [--size 1024] [--out FILE]
 
 Variants of the decode: as it runs today; with cuDNN's autotuner (`torch.backends.cudnn.benchmark`); with
-the decoder in channels-last memory format; both. One JSON line per variant (best of --repeat, GPU-synced),
+the decoder in channels-last memory format; both; with the GroupNorm statistics pass (`TACO_VAE_FAST_GN=1`). One JSON line per variant (best of --repeat, GPU-synced),
 then one with the profiler's kernel-time split of the default decode, then one with the SaveImage parts.
 """
 
@@ -56,7 +56,10 @@ def main() -> None:
         lines.append(d)
 
     reference = None
-    for benchmark, channels_last in ((False, False), (True, False), (False, True), (True, True)):
+    variants = [(False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                (False, False, True)]
+    for benchmark, channels_last, fast_gn in variants:
+        os.environ["TACO_VAE_FAST_GN"] = "1" if fast_gn else "0"
         torch.backends.cudnn.benchmark = benchmark
         model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         z = latent.to("cuda", vae.vae_dtype)
@@ -72,11 +75,13 @@ def main() -> None:
         if reference is None:
             reference = out
         emit({"what": "vae_decode", "cudnn_benchmark": benchmark, "channels_last": channels_last,
-              "decode_ms": round(ms, 2), "max_abs_diff_vs_default": float((out - reference).abs().max())})
+              "fast_group_norm": fast_gn, "decode_ms": round(ms, 2),
+              "max_abs_diff_vs_default": float((out - reference).abs().max())})
         full_ms = best_ms(lambda: vae.decode(latent), args.repeat) if not (benchmark or channels_last) else None
         if full_ms is not None:
             emit({"what": "VAE.decode (to CPU IMAGE)", "ms": round(full_ms, 2)})
     torch.backends.cudnn.benchmark = False
+    os.environ["TACO_VAE_FAST_GN"] = "0"
     model.to(memory_format=torch.contiguous_format)
 
     from torch.profiler import ProfilerActivity, profile

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -405,6 +405,17 @@ if [ "$what" = s21 ]; then
   timeout 100 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 1024 --config u4 --graph \
     --out "$OUT/profile.jsonl" > "$OUT/profile_u4.log" 2>&1
   grep -h '^{' "$OUT/profile.jsonl" | cut -c1-400
+fi
+if [ "$what" = s22 ]; then
+  # prepared for the next session: the VAE decode with the GroupNorm statistics pass (TACO_VAE_FAST_GN=1)
+  # against torch's GroupNorm, then the fork path on 1 and 4 GPUs with it
+  f22() { grep -E '^\{|Error|error:|Sampling:' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/bench_vae_decode.py --out "$OUT/vae.jsonl" 2>&1 | f22 ) &
+  ( CUDA_VISIBLE_DEVICES=1 TACO_VAE_FAST_GN=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 \
+      --steps 20 --tag 1gpu --out "$OUT/e2e.jsonl" 2>&1 | f22 ) &
+  wait
+  TACO_VAE_FAST_GN=1 timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
+    --tag auto4 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f22
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

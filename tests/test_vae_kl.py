@@ -98,3 +98,31 @@ def test_wrong_family_errors_name_what_was_expected():
     vae = VAE(_ldm_sd(16, False), device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(ValueError, match="16-channel"):
         vae.decode(torch.zeros(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_statistics_pass_matches_torch_group_norm(dtype, atol, silu):
+    """The statistics pass behind TACO_VAE_FAST_GN (CUDA half precision only; here run directly on CPU)
+    against torch's GroupNorm: fp32 rounding in fp32, one bf16 rounding step in bf16."""
+    from comfy.ldm.models import autoencoder
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+        norm.bias.copy_(torch.randn(64, generator=g))
+    x = (torch.randn(2, 64, 12, 10, generator=g) * 3 + 1.5).to(dtype)
+    ref = autoencoder._torch_norm_act(norm.to(dtype), x, silu).float()
+    out = autoencoder._stats_norm_act(norm.to(dtype), x, silu)
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+
+
+def test_group_norm_act_uses_torch_group_norm_off_gpu(monkeypatch):
+    from comfy.ldm.models import autoencoder
+
+    monkeypatch.setenv("TACO_VAE_FAST_GN", "1")  # only CUDA half-precision tensors take the other pass
+    norm = torch.nn.GroupNorm(32, 64, eps=1e-6)
+    x = torch.randn(1, 64, 4, 4)
+    assert torch.equal(autoencoder.group_norm_act(norm, x, True), torch.nn.functional.silu(norm(x)))
