@@ -15,6 +15,14 @@ if [ -d .whl ]; then
 fi
 ngpu=$(nvidia-smi -L | wc -l)
 filter() { grep -E '^\{|Error|error:' | grep -v Warning; }
+# shared by the fifth session's parts: the 1-GPU Flux steps (GPU 0; sizes as arguments), the 1-GPU fork path
+# (GPU 1), and the N-GPU fork path compared with the 1-GPU run's PNG
+flux_steps_1gpu() { CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/bench_flux_step.py --sizes "$@" --graph \
+  --out "$OUT/step.jsonl" 2>&1; }
+fork_1gpu() { CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
+  --tag 1gpu --out "$OUT/e2e.jsonl" 2>&1; }
+fork_ngpu() { timeout 110 torchrun --nproc_per_node="$1" benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
+  --tag "auto$1" --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1; }
 if [ "$what" = speed ]; then
   ( CUDA_VISIBLE_DEVICES=0 python3 benchmarks/probe_attention.py --out "$OUT/attention.jsonl" 2>&1 | filter
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --attention sdpa cudnn \
@@ -289,10 +297,8 @@ if [ "$what" = s14 ]; then
   # B: Ulysses 4 (and with two head groups on symmetric memory), the 4-GPU fork path (rc: does it exit?).
   # C: where symmetric memory hangs on sub-groups.
   f14() { grep -E '^\{|^rank|Error|error:|refused|capture|Sampling:' | grep -v Warning; }
-  ( CUDA_VISIBLE_DEVICES=0 timeout 110 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | f14 ) &
-  ( CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
-      --out "$OUT/e2e.jsonl" 2>&1 | f14 ) &
+  ( flux_steps_1gpu 1024 | f14 ) &
+  ( fork_1gpu | f14 ) &
   ( export CUDA_VISIBLE_DEVICES=2,3; for ov in 1 0; do
       TACO_SP_OVERLAP=$ov timeout 65 torchrun --nproc_per_node=2 --master_port 29623 benchmarks/bench_flux_step.py \
         --sizes 1024 --graph --configs u2 --out "$OUT/step_overlap$ov.jsonl" 2>&1 | f14; done ) &
@@ -302,8 +308,7 @@ if [ "$what" = s14 ]; then
   TACO_A2A=symm TACO_ULYSSES_CHUNKS=2 timeout 75 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py \
     --sizes 1024 --graph --configs u4 --out "$OUT/step_chunks2.jsonl" 2>&1 | f14
   t0=$(date +%s)
-  timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f14
+  fork_ngpu 4 | f14
   echo "{\"exit_check\": 4, \"rc\": ${PIPESTATUS[0]}, \"wall_s\": $(( $(date +%s) - t0 ))}"
   timeout 50 torchrun --nproc_per_node=4 benchmarks/probe_symm_subgroups.py 2>&1 | f14
 fi
@@ -330,10 +335,8 @@ if [ "$what" = s16 ]; then
   # decode bench (GPU 2), the PNG writer's thread scaling on this host's CPUs. B: Ulysses 4 steps (and with
   # no side work, TACO_SP_OVERLAP=0), the 4-GPU fork path against the 1-GPU PNG.
   f16() { grep -E '^\{|Error|error:|refused|capture|Sampling:|cpu_count|level|noise|smooth' | grep -v Warning; }
-  ( CUDA_VISIBLE_DEVICES=0 timeout 110 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | f16 ) &
-  ( CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
-      --out "$OUT/e2e.jsonl" 2>&1 | f16 ) &
+  ( flux_steps_1gpu 1024 | f16 ) &
+  ( fork_1gpu | f16 ) &
   ( CUDA_VISIBLE_DEVICES=2 timeout 120 python3 benchmarks/bench_vae_decode.py --out "$OUT/vae.jsonl" 2>&1 | f16 ) &
   ( timeout 120 python3 benchmarks/bench_png_writer.py --repeat 5 > "$OUT/png_writer.txt" 2>&1 ) &
   wait
@@ -341,8 +344,7 @@ if [ "$what" = s16 ]; then
     TACO_SP_OVERLAP=$ov timeout 75 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
       --configs u4 --out "$OUT/step_overlap$ov.jsonl" 2>&1 | f16
   done
-  timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f16
+  fork_ngpu 4 | f16
   cat "$OUT/png_writer.txt"
 fi
 if [ "$what" = s17 ]; then
@@ -351,10 +353,8 @@ if [ "$what" = s17 ]; then
   # fork path (GPU 1), Ulysses 2 with and without (GPUs 2-3). B: Ulysses 4 at both sizes, without at 1024²,
   # the 4-GPU fork path against the 1-GPU PNG.
   f17() { grep -E '^\{|Error|error:|refused|capture|Sampling:' | grep -v Warning; }
-  ( CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | f17 ) &
-  ( CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
-      --out "$OUT/e2e.jsonl" 2>&1 | f17 ) &
+  ( flux_steps_1gpu 1024 2048 | f17 ) &
+  ( fork_1gpu | f17 ) &
   ( export CUDA_VISIBLE_DEVICES=2,3; for c2 in 1 0; do
       TACO_CE_2D=$c2 timeout 65 torchrun --nproc_per_node=2 --master_port 29625 benchmarks/bench_flux_step.py \
         --sizes 1024 --graph --configs u2 --out "$OUT/step_ce2d$c2.jsonl" 2>&1 | f17; done ) &
@@ -363,22 +363,17 @@ if [ "$what" = s17 ]; then
     --out "$OUT/step_ce2d1.jsonl" 2>&1 | f17
   TACO_CE_2D=0 timeout 75 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
     --configs u4 --out "$OUT/step_ce2d0.jsonl" 2>&1 | f17
-  timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f17
+  fork_ngpu 4 | f17
 fi
 if [ "$what" = s18 ] || [ "$what" = s20 ]; then
   # fifth session: the fork path once more (end-to-end ratio), 1 GPU then 4 and 2 GPUs, with 1-GPU steps
   # beside (s20: the same, after SaveImage's PNG encode was shared by the ranks)
   f18() { grep -E '^\{|Error|error:|refused|capture|Sampling:' | grep -v Warning; }
-  ( CUDA_VISIBLE_DEVICES=0 timeout 110 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | f18 ) &
-  ( CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
-      --out "$OUT/e2e.jsonl" 2>&1 | f18 ) &
+  ( flux_steps_1gpu 1024 | f18 ) &
+  ( fork_1gpu | f18 ) &
   wait
-  timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f18
-  timeout 100 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f18
+  fork_ngpu 4 | f18
+  fork_ngpu 2 | f18
 fi
 if [ "$what" = s19 ]; then
   # fifth session: Wan 14B guided step under CFG 2 x Ulysses 2 with symmetric memory on each Ulysses pair
@@ -411,11 +406,9 @@ if [ "$what" = s22 ]; then
   # against torch's GroupNorm, then the fork path on 1 and 4 GPUs with it
   f22() { grep -E '^\{|Error|error:|Sampling:' | grep -v Warning; }
   ( CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/bench_vae_decode.py --out "$OUT/vae.jsonl" 2>&1 | f22 ) &
-  ( CUDA_VISIBLE_DEVICES=1 TACO_VAE_FAST_GN=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 \
-      --steps 20 --tag 1gpu --out "$OUT/e2e.jsonl" 2>&1 | f22 ) &
+  ( TACO_VAE_FAST_GN=1 fork_1gpu | f22 ) &
   wait
-  TACO_VAE_FAST_GN=1 timeout 110 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
-    --tag auto4 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f22
+  TACO_VAE_FAST_GN=1 fork_ngpu 4 | f22
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter
