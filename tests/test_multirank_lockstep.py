@@ -194,6 +194,27 @@ def _leader_dies(dm):
     return "received work from a dead rank 0?"
 
 
+def _late_work(dm):
+    if dm.rank == 0:
+        time.sleep(0.5)
+        dm.publish(1, {"kind": "test", "value": 41})
+        dm.publish(2, {"kind": "test", "value": 42})
+        dm.agree(0)  # until the follower has both
+        return None
+    t0 = time.monotonic()
+    first = dm.receive(1, poll=30.0)  # a poll this long would take 30 s: the watcher must wake it
+    second = dm.receive(2, poll=30.0)
+    waited = time.monotonic() - t0
+    dm.agree(0)
+    return first["value"], second["value"], waited
+
+
+def test_follower_wakes_when_work_is_published_not_at_its_next_poll():
+    _, (first, second, waited) = spawn(2, _late_work, timeout=5.0)
+    assert (first, second) == (41, 42)
+    assert waited < 15.0  # far below one 30 s poll: the store's wait woke the follower
+
+
 def test_follower_stops_when_rank0_dies():
     msg = spawn(2, _leader_dies, timeout=1.5, allow_exit=(0,))[1]
     assert "rank 0 is gone" in msg or "Rank 0 has sent no heartbeat" in msg, msg

@@ -54,6 +54,8 @@ class DistributedManager:
     collective_timeout: float
     store_address: tuple[str, int] | None = None
     heartbeat: Heartbeat | None = field(default=None, repr=False)
+    _watch_store: object | None = field(default=None, repr=False)  # the work watcher's own store connection
+    _watcher: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def is_leader(self) -> bool:
@@ -110,8 +112,14 @@ class DistributedManager:
             log.debug("could not delete work/%s", seq)
 
     def receive(self, seq: int, poll: float = 0.02, stop: Callable[[], bool] | None = None):
-        """Follower: wait (as long as it takes, while rank 0 is alive) for work item `seq`."""
+        """Follower: wait (as long as it takes, while rank 0 is alive) for work item `seq`.
+
+        A watcher thread blocks in the store's `wait` for the item's key on a connection of its own, so the
+        follower starts within a store round trip of rank 0 publishing (polling every `poll` s added up to
+        that much to every prompt); the rank-0 liveness and `stop` checks run every 0.25 s meanwhile.
+        Without a store address (no second connection possible) it polls every `poll` s."""
         key = f"work/{seq}"
+        arrived = self._watch(key)
         while True:
             try:
                 if self.store.check([key]):
@@ -124,7 +132,41 @@ class DistributedManager:
                                     "it is gone, so this follower stops too")
             if stop is not None and stop():
                 return None
-            time.sleep(poll)
+            if arrived is None:
+                time.sleep(poll)
+            elif arrived.wait(0.25) and not self.store.check([key]):
+                arrived = self._watch(key)  # the watcher gave up without the key (its wait timed out): again
+
+    def _watch(self, key: str) -> threading.Event | None:
+        """An event set once `key` exists in the store (or the watcher's wait ended otherwise), or None
+        where no watcher can run."""
+        if self.store_address is None:
+            return None
+        if self._watcher is not None:
+            self._watcher.join(1.0)  # the previous item's watcher: its key exists, so it returns at once
+            if self._watcher.is_alive():
+                return None
+        try:
+            if self._watch_store is None:
+                host, port = self.store_address
+                self._watch_store = dist.PrefixStore(_store_key_prefix(), _connect_store(
+                    host, port, self.world_size, self.collective_timeout))
+        except RuntimeError as e:  # cannot open a second connection: poll instead
+            log.debug("no work watcher (%s); polling", e)
+            self.store_address = None
+            return None
+        event, store = threading.Event(), self._watch_store
+
+        def watch():
+            try:
+                store.wait([key], timedelta(days=1))
+            except RuntimeError:  # the store is gone or a day passed: receive's own checks decide
+                pass
+            event.set()
+
+        self._watcher = threading.Thread(target=watch, name="taco-work-watcher", daemon=True)
+        self._watcher.start()
+        return event
 
     # -- failure notices (outside the collectives) -------------------------------------------------------
 
