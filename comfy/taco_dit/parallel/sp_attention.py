@@ -93,6 +93,11 @@ def ulysses_chunks(heads_per_rank: int) -> int:
     return n if n >= 1 and heads_per_rank % n == 0 else 1
 
 
+def _split_side_work(side_work) -> tuple[list, list]:
+    """(before, after) lists from `side_work` = (before[, after]) or None."""
+    return (list(side_work)[:1], list(side_work)[1:]) if side_work else ([], [])
+
+
 def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """The [B, S, 3, H, D] buffer q, k and v ([B, H, S, D]) are views of, or None (e.g. separate tensors)."""
     b, h, s, d = q.shape
@@ -151,7 +156,7 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
             arriving.append(ex.start(source[c], background=background))
         else:
             arriving.append(ex.start(write=writer(c)))
-    before, after = (list(side_work)[:1], list(side_work)[1:]) if side_work else ([], [])
+    before, after = _split_side_work(side_work)
     run_side_work(before)
     returning = []
     for c in range(n):
@@ -202,7 +207,7 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
         blocks = t.transpose(1, 2).reshape(b, s, p, hp, d).permute(2, 0, 1, 3, 4)
         ex = ulysses.exchange(f"ulysses_{name}", (b, s, hp, d), t.dtype, t.device)
         arriving.append(ex.start(blocks, background=background))
-    before, after = (list(side_work)[:1], list(side_work)[1:]) if side_work else ([], [])
+    before, after = _split_side_work(side_work)
     run_side_work(before)
     qkv = []
     for pending in arriving:
