@@ -117,7 +117,8 @@ class DistributedManager:
         A watcher thread blocks in the store's `wait` for the item's key on a connection of its own, so the
         follower starts within a store round trip of rank 0 publishing (polling every `poll` s added up to
         that much to every prompt); the rank-0 liveness and `stop` checks run every 0.25 s meanwhile.
-        Without a store address (no second connection possible) it polls every `poll` s."""
+        Without a store address (no second connection possible), or once the watcher has ended without the
+        item, it polls every `poll` s."""
         key = f"work/{seq}"
         arrived = self._watch(key)
         while True:
@@ -134,8 +135,10 @@ class DistributedManager:
                 return None
             if arrived is None:
                 time.sleep(poll)
-            elif arrived.wait(0.25) and not self.store.check([key]):
-                arrived = self._watch(key)  # the watcher gave up without the key (its wait timed out): again
+            elif arrived.is_set():
+                arrived = None  # the watcher ended without the key (a day passed, or its connection failed): poll
+            else:
+                arrived.wait(0.25)
 
     def _watch(self, key: str) -> threading.Event | None:
         """An event set once `key` exists in the store (or the watcher's wait ended otherwise), or None
