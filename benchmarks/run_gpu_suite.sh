@@ -21,7 +21,7 @@ flux_steps_1gpu() { CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/bench_
   --out "$OUT/step.jsonl" 2>&1; }
 fork_1gpu() { CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
   --tag 1gpu --out "$OUT/e2e.jsonl" 2>&1; }
-fork_ngpu() { timeout 110 torchrun --nproc_per_node="$1" benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
+fork_ngpu() { timeout "${2:-110}" torchrun --nproc_per_node="$1" benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
   --tag "auto$1" --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1; }
 if [ "$what" = speed ]; then
   ( CUDA_VISIBLE_DEVICES=0 python3 benchmarks/probe_attention.py --out "$OUT/attention.jsonl" 2>&1 | filter
@@ -175,11 +175,8 @@ if [ "$what" = next ]; then
     --tag symm2 --out "$OUT/alltoall.jsonl" 2>&1 | fn
   CUDA_VISIBLE_DEVICES=0 timeout 90 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag 1gpu \
     --out "$OUT/e2e.jsonl" 2>&1 | fn
-  ref=/tmp/taco-bench/1gpu-rank0/output/bench_00002_.png
-  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
-    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | fn
-  timeout 100 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
-    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | fn
+  fork_ngpu 4 120 | fn
+  fork_ngpu 2 100 | fn
 fi
 if [ "$what" = s8 ]; then
   # all-to-all transports (NCCL, symmetric memory by SM copies, by copy engines) on 4 and 2 GPUs, with a
@@ -222,8 +219,7 @@ if [ "$what" = s9 ]; then
     TACO_A2A=$tr timeout 80 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
       --out "$OUT/wan_cfg_step_$tr.jsonl" 2>&1 | f9
   done
-  timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f9
+  fork_ngpu 4 100 | f9
 fi
 if [ "$what" = s10 ]; then
   # symmetric-memory exchanges with the single blocks' copies on copy engines behind the MLP (TACO_A2A=symm)
@@ -259,11 +255,8 @@ if [ "$what" = s11 ]; then
   ( export CUDA_VISIBLE_DEVICES=2,3; timeout 120 torchrun --nproc_per_node=2 --master_port 29622 \
       benchmarks/profile_flux_step.py --sizes 1024 --config u2 --graph --out "$OUT/profile.jsonl" > "$OUT/profile_u2.log" 2>&1 ) &
   wait
-  ref=/tmp/taco-bench/1gpu-rank0/output/bench_00002_.png
-  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto4 \
-    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | f11
-  timeout 100 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag auto2 \
-    --reference $ref --out "$OUT/e2e.jsonl" 2>&1 | f11
+  fork_ngpu 4 120 | f11
+  fork_ngpu 2 100 | f11
 fi
 if [ "$what" = s12 ]; then
   # the fork path on 4 and 2 GPUs with symmetric memory: do the processes exit once the symmetric buffers are
