@@ -3,9 +3,11 @@ real comfy.vae.VAE path) and the SaveImage work on its output (float IMAGE -> ui
 
     python3 benchmarks/bench_vae_decode.py [--size 1024] [--out FILE]
 
-Variants of the decode: as it runs today; with cuDNN's autotuner (`torch.backends.cudnn.benchmark`); with
-the decoder in channels-last memory format; both; with the GroupNorm statistics pass (`TACO_VAE_FAST_GN=1`). One JSON line per variant (best of --repeat, GPU-synced),
-then one with the profiler's kernel-time split of the default decode, then one with the SaveImage parts.
+Variants of the decode: with torch's GroupNorm (`TACO_VAE_FAST_GN=0`); that with cuDNN's autotuner
+(`torch.backends.cudnn.benchmark`); with the decoder in channels-last memory format; both; with our GroupNorm
+statistics pass (the default since the sixth session). One JSON line per variant (best of --repeat,
+GPU-synced, differences against the first), then one with the profiler's kernel-time split of the default
+decode, then one with the SaveImage parts.
 """
 
 from __future__ import annotations
@@ -76,12 +78,13 @@ def main() -> None:
             reference = out
         emit({"what": "vae_decode", "cudnn_benchmark": benchmark, "channels_last": channels_last,
               "fast_group_norm": fast_gn, "decode_ms": round(ms, 2),
-              "max_abs_diff_vs_default": float((out - reference).abs().max())})
+              "max_abs_diff_vs_default": float((out - reference).abs().max()),
+              "mean_abs_diff_vs_default": round(float((out - reference).abs().mean()), 6)})
         full_ms = best_ms(lambda: vae.decode(latent), args.repeat) if not (benchmark or channels_last) else None
         if full_ms is not None:
             emit({"what": "VAE.decode (to CPU IMAGE)", "ms": round(full_ms, 2)})
     torch.backends.cudnn.benchmark = False
-    os.environ["TACO_VAE_FAST_GN"] = "0"
+    os.environ.pop("TACO_VAE_FAST_GN")  # the profile is of the default decode
     model.to(memory_format=torch.contiguous_format)
 
     from torch.profiler import ProfilerActivity, profile

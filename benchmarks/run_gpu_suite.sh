@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -402,6 +402,21 @@ if [ "$what" = s22 ]; then
   ( TACO_VAE_FAST_GN=1 fork_1gpu | f22 ) &
   wait
   TACO_VAE_FAST_GN=1 fork_ngpu 4 | f22
+fi
+if [ "$what" = s23 ]; then
+  # sixth session: sub-group exchanges on the world's symmetric arena (exchange.ArenaExchange). The probe checks
+  # them against NCCL on the pairs of CFG 2 x Ulysses 2 and times one exchange; then the Wan guided step:
+  # 1-GPU baseline, CFG 2 x Ulysses 2 with the arena (TACO_A2A=symm), and with NCCL
+  f23() { grep -E '^\{|Error|error:|refused|equals|hang|Traceback' | grep -v Warning; }
+  timeout 60 torchrun --nproc_per_node=4 benchmarks/probe_symm_arena.py > "$OUT/probe_arena.log" 2>&1
+  echo "probe rc=$?"; f23 < "$OUT/probe_arena.log" | grep -E '^\{|rank 0|Error|differs'
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" 2>&1 | f23
+  if grep -q "done" "$OUT/probe_arena.log"; then
+    TACO_A2A=symm timeout 160 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_step_arena.jsonl" > "$OUT/wan_arena.log" 2>&1; echo "wan arena rc=$?"; f23 < "$OUT/wan_arena.log"
+  fi
+  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+    --out "$OUT/wan_cfg_step_nccl.jsonl" 2>&1 | f23
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

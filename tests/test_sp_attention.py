@@ -7,6 +7,7 @@ values is far below any real difference and far above fp32 noise (~1e-7).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -228,8 +229,9 @@ def test_exchange_transport_choice(monkeypatch):
 
 
 def test_symmetric_memory_groups_one_host(monkeypatch):
-    """Symmetric memory only for a group of every rank of one host: sub-groups (e.g. the Ulysses pairs of
-    CFG 2 x Ulysses 2) hung on GPUs, and ranks on other hosts have no mapped memory."""
+    """Symmetric memory only where every rank of the job is on one host (others have no mapped memory). A
+    group of all of them rendezvouses on its own; a sub-group (e.g. the Ulysses pairs of CFG 2 x Ulysses 2,
+    whose own rendezvous hung on GPUs) takes slices of the world's arena."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -246,10 +248,76 @@ def test_symmetric_memory_groups_one_host(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two GPUs: peers' memory is not mapped
     assert not exchange._whole_host(pair)
     assert not exchange._whole_host(world)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    monkeypatch.setenv("TACO_A2A", "symm")  # a pair of one host: not even when asked for
     monkeypatch.setattr(exchange, "_peer_access", lambda n: True)
-    assert exchange.transport(torch.device("cuda", 0), pair, measured=True) == "nccl"
+    cuda = torch.device("cuda", 0)
+    assert exchange.transport(cuda, pair, measured=True) == exchange.transport(cuda, world, measured=True) == "nccl"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert exchange.transport(cuda, world, measured=True) == "symm"
+    assert exchange.transport(cuda, pair, measured=True) == "arena"
+    assert exchange.transport(cuda, pair, measured=False) == "nccl"  # auto: only where measured
+    monkeypatch.setenv("TACO_A2A", "symm")
+    assert exchange.transport(cuda, pair, measured=False) == "arena"
+
+
+class _FakeWorldHandle:
+    """Stands in for the world's symmetric-memory handle on CPU: one byte buffer per world rank, and a log
+    of the signals."""
+
+    def __init__(self, world: int, nbytes: int):
+        self.mem = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world)]
+        self.signals = []
+
+    def get_buffer(self, rank, shape, dtype, offset):
+        n = math.prod(shape)
+        return self.mem[rank].view(dtype)[offset:offset + n].view(shape)
+
+    def put_signal(self, dst, channel=0):
+        self.signals.append(("put", dst))
+
+    def wait_signal(self, src, channel=0):
+        self.signals.append(("wait", src))
+
+
+def test_arena_exchange_slices_and_pair_signals(monkeypatch):
+    """Sub-group exchanges on the world's arena: each group's slices are counted on its own (the two pairs
+    of a CFG 2 x Ulysses 2 mesh reuse the same offsets, in different ranks' memory), a block written for a
+    peer lands in that peer's receive buffer, the barrier signals the pair's other member only, and an
+    arena without room says so (the group then uses NCCL for that shape)."""
+    from types import SimpleNamespace
+
+    from comfy.taco_dit.parallel import exchange
+
+    handle = _FakeWorldHandle(4, 4096)
+    device = torch.device("cpu")
+    arenas = []  # each world rank's own arena object (one per process), all on the same world memory
+    for _ in range(4):
+        arena = object.__new__(exchange._Arena)
+        arena.nbytes, arena.handle, arena.used = 4096, handle, {}
+        arenas.append(arena)
+
+    def on_rank(me, ranks, block):
+        monkeypatch.setitem(exchange._arenas, device, arenas[me])
+        group = SimpleNamespace(size=len(ranks), ranks=ranks, rank_in_group=ranks.index(me), _last_exchange=None,
+                                _exchanges={})
+        return exchange.ArenaExchange(group, block, torch.float32, device, 0)
+
+    block = (1, 3, 2, 4)  # [B, S/P, hp, D] float32: 96 bytes, 192 for the pair's [2, ...] buffer
+    a0, a1, b2 = on_rank(0, [0, 1], block), on_rank(1, [0, 1], block), on_rank(2, [2, 3], block)
+    second = on_rank(0, [0, 1], block)
+    try:
+        offsets = [ex.peers[ex.rank].data_ptr() - handle.mem[ex.group.ranks[ex.rank]].data_ptr()
+                   for ex in (a0, a1, b2, second)]
+        assert offsets == [0, 0, 0, 512]  # pair (2, 3) counts its own; the next shape is 512-byte aligned
+        sent = torch.arange(2 * 24, dtype=torch.float32).view(2, *block)  # blocks[r] goes to pair member r
+        pending = a0.start(sent)
+        assert torch.equal(a1.peers[1][0], sent[1]) and torch.equal(a0.peers[0][0], sent[0])
+        pending.wait()
+        assert handle.signals == [("put", 1), ("wait", 1)]
+        with pytest.raises(exchange.ArenaFull, match="arena full"):
+            on_rank(0, [0, 1], (1, 3, 2, 100))
+    finally:
+        for ex in (a0, a1, b2, second):
+            exchange._live.remove(ex)
 
 
 def test_ring_blocks_find_the_real_keys_once_from_the_host_counts():

@@ -52,6 +52,7 @@ def release_all() -> None:
             ex.group._last_exchange = None
         ex.handle = ex.peers = None
     _live.clear()
+    _arenas.clear()
     gc.collect()
     torch.cuda.synchronize()
 
@@ -87,18 +88,30 @@ def _peer_access(n: int) -> bool:
     return all(torch.cuda.can_device_access_peer(i, j) for i in range(n) for j in range(n) if i != j)
 
 
+def _world_on_host() -> bool:
+    """Every rank of the job runs on this host, one GPU each (so all of them can map each other's memory)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return False
+    world = dist.get_world_size()
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world and torch.cuda.device_count() >= world
+
+
 def transport(device: torch.device, group=None, measured: bool = False) -> str:
-    """The all-to-all transport for `group`'s exchanges of tensors on `device`.
+    """The all-to-all transport for `group`'s exchanges of tensors on `device`: "nccl", "symm" (symmetric
+    memory of the group itself) or "arena" (a slice of the world's symmetric arena, for a sub-group).
 
     `TACO_A2A=auto` (default): symmetric memory only where it was measured faster and seen to work
     (`measured`: the caller's exchange is one of those, i.e. Ulysses over packed q/k/v, Flux's layout) on
-    GPUs, with a sequence group that is the whole world on one host, peer access between all GPUs, and
-    fewer than MAX_SYMMETRIC message shapes so far. On 4 x H200: Flux Ulysses 4 at 1024² 42.3 against
-    44.1 ms with NCCL, at 2048² 191.8 against 196.6 ms, Ulysses 2 75.1 against 79.6 ms (benchmarks/
-    RESULTS.md). Everything else uses NCCL; in particular smaller groups (e.g. the Ulysses pairs of CFG 2 x
-    Ulysses 2), where symmetric memory hung in two 4-GPU Wan runs (fourth and fifth session), although a
-    rendezvous on each pair alone works (benchmarks/probe_symm_subgroups.py). `TACO_A2A=nccl` always uses
-    NCCL; `symm` asks for symmetric memory for every exchange on a whole-host group, measured or not."""
+    GPUs, with every rank of the job on one host, peer access between all GPUs, and fewer than
+    MAX_SYMMETRIC message shapes so far. On 4 x H200: Flux Ulysses 4 at 1024² 42.3 against 44.1 ms with
+    NCCL, at 2048² 191.8 against 196.6 ms, Ulysses 2 75.1 against 79.6 ms (benchmarks/RESULTS.md).
+    A group that is the whole world gets buffers of its own. A smaller group (e.g. the Ulysses pairs of
+    CFG 2 x Ulysses 2) never rendezvouses on its own: symmetric memory on such pairs hung in two 4-GPU Wan
+    runs (fourth and fifth session). It takes slices of one world-wide allocation instead and signals only
+    its members (`ArenaExchange`). Everything else uses NCCL. `TACO_A2A=nccl` always uses NCCL; `symm`
+    asks for symmetric memory for every exchange where the hardware allows it, measured or not."""
     want = os.environ.get("TACO_A2A", "auto").strip().lower() or "auto"
     if want not in ("auto", "nccl", "symm"):
         raise ValueError(f"TACO_A2A={want!r} is not a transport; use TACO_A2A=auto, nccl or symm")
@@ -107,8 +120,8 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
     why = None
     if device.type != "cuda":
         why = f"it needs GPUs (tensors on {device.type})"
-    elif not _whole_host(group):
-        why = "the sequence group is not every rank of one host"
+    elif not _world_on_host():
+        why = "the job's ranks are not all on this host"
     elif sum(isinstance(e, SymmetricExchange) for e in group._exchanges.values()) >= MAX_SYMMETRIC:
         why = f"{MAX_SYMMETRIC} message shapes already hold symmetric buffers"
     else:
@@ -120,7 +133,7 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
             if not _peer_access(torch.cuda.device_count()):
                 why = "the GPUs have no peer access"
     if why is None:
-        return "symm"
+        return "symm" if _whole_host(group) else "arena"
     if want == "symm" and why not in _warned:
         _warned.add(why)
         logging.warning("TACO_A2A=symm: using NCCL's all-to-all because %s", why)
@@ -284,3 +297,77 @@ class SymmetricExchange:
                     raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}; set TACO_CE_2D=0")
             streams.append(side)
         return Pending(recv, streams=streams, barrier=self._barrier, keep=src)
+
+
+class ArenaFull(RuntimeError):
+    """The world's symmetric arena has no room left for this group's exchange (the caller uses NCCL's)."""
+
+
+class _Arena:
+    """One symmetric-memory allocation over the whole world, per device, carved into the receive buffers of
+    sub-group exchanges: the only rendezvous is the world's, which the 4-GPU runs showed working.
+
+    Its size is agreed (a MAX all-reduce over the world) when the first sub-group exchange asks for it:
+    `TACO_SYMM_ARENA_MB`, else 8 x that exchange's receive buffer. Every rank of the world reaches that
+    point together, since every rank runs the same model, layer for layer; only the shapes may differ between
+    groups (e.g. CFG 2's positive and negative prompts), hence the MAX. Afterwards each group takes slices
+    by its own count, which its members keep alike (they run the same exchanges in the same order), so no
+    further collective is needed; when the arena is full, the group's further shapes go by NCCL."""
+
+    ALIGN = 512
+
+    def __init__(self, device: torch.device, need: int):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        mb = os.environ.get("TACO_SYMM_ARENA_MB", "").strip()
+        want = torch.tensor([int(mb) << 20 if mb else 8 * need], dtype=torch.int64, device=device)
+        dist.all_reduce(want, op=dist.ReduceOp.MAX)
+        self.nbytes = int(want.item())
+        name = dist.group.WORLD.group_name
+        enable_group(name)
+        self.buf = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=device)
+        self.handle = symm_mem.rendezvous(self.buf, name)
+        self.used: dict[tuple, int] = {}  # group ranks -> bytes taken by that group
+        logging.info("Symmetric arena of %.0f MiB for sub-group exchanges (TACO_SYMM_ARENA_MB sets it)",
+                     self.nbytes / 2**20)
+
+    def take(self, ranks: tuple, nbytes: int) -> int:
+        """The byte offset of `nbytes` for group `ranks`. Groups of different ranks may overlap: each rank
+        belongs to one group of a kind, and only that group's members write into its slices."""
+        start = -(-self.used.get(ranks, 0) // self.ALIGN) * self.ALIGN
+        if start + nbytes > self.nbytes:
+            raise ArenaFull(f"{self.nbytes / 2**20:.0f} MiB arena full")
+        self.used[ranks] = start + nbytes
+        return start
+
+
+_arenas: dict = {}  # device -> _Arena
+
+
+class ArenaExchange(SymmetricExchange):
+    """A symmetric exchange for a sub-group of the world: its buffers are slices of the world's arena and its
+    barrier signals the group's members only (put_signal / wait_signal on the world handle). Building one
+    is collective over the world only when the arena does not exist yet."""
+
+    def __init__(self, group, block_shape: tuple, dtype: torch.dtype, device: torch.device, channel: int):
+        self.group = group
+        shape = (group.size, *block_shape)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        arena = _arenas.get(device)
+        if arena is None:
+            arena = _arenas[device] = _Arena(device, nbytes)
+        offset = arena.take(tuple(group.ranks), nbytes)
+        self.handle = arena.handle
+        elem = offset // torch.empty((), dtype=dtype).element_size()
+        self.peers = [self.handle.get_buffer(w, shape, dtype, elem) for w in group.ranks]
+        self.rank = group.rank_in_group
+        self.others = [w for i, w in enumerate(group.ranks) if i != self.rank]
+        self.channel = channel
+        _live.append(self)
+
+    def _barrier(self) -> None:
+        for w in self.others:
+            self.handle.put_signal(w, channel=self.channel)
+        for w in self.others:
+            self.handle.wait_signal(w, channel=self.channel)

@@ -80,19 +80,29 @@ class GroupHandle:
         """The all-to-all exchange `name` of equal `block_shape` blocks (see exchange.py), kept for reuse.
         Its first use is collective when the transport is symmetric memory. `measured`: symmetric memory
         was measured for this kind of exchange, so the automatic transport may pick it."""
-        from comfy.taco_dit.parallel.exchange import NcclExchange, SymmetricExchange, transport
+        from comfy.taco_dit.parallel.exchange import (
+            ArenaExchange,
+            ArenaFull,
+            NcclExchange,
+            SymmetricExchange,
+            transport,
+        )
 
         key = (name, tuple(block_shape), dtype, device)
         ex = self._exchanges.get(key)
         if ex is None:
             kind = "nccl" if self._symmetric_failed else transport(device, self, measured)
             ex = None
-            if kind == "symm":
+            if kind in ("symm", "arena"):
                 try:
-                    ex = SymmetricExchange(self, tuple(block_shape), dtype, device, channel=0)
+                    cls = SymmetricExchange if kind == "symm" else ArenaExchange
+                    ex = cls(self, tuple(block_shape), dtype, device, channel=0)
                     if not any(isinstance(e, SymmetricExchange) for e in self._exchanges.values()):
-                        logging.info("Ulysses exchanges of ranks %s: direct NVLink writes (symmetric memory; "
-                                     "TACO_A2A=nccl for NCCL's all-to-all)", self.ranks)
+                        logging.info("Ulysses exchanges of ranks %s: direct NVLink writes (symmetric memory%s; "
+                                     "TACO_A2A=nccl for NCCL's all-to-all)", self.ranks,
+                                     "" if kind == "symm" else ", slices of the world's arena")
+                except ArenaFull as e:  # this shape only; the members of the group agree (same requests)
+                    logging.info("Exchange %s %s of ranks %s by NCCL: %s", name, tuple(block_shape), self.ranks, e)
                 except Exception as e:  # noqa: BLE001 - every rank fails alike (same GPUs, same torch)
                     self._symmetric_failed = True
                     logging.warning("Symmetric-memory all-to-all unavailable (%s: %s); using NCCL's",
