@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -417,6 +417,21 @@ if [ "$what" = s23 ]; then
   fi
   timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
     --out "$OUT/wan_cfg_step_nccl.jsonl" 2>&1 | f23
+fi
+if [ "$what" = s24 ]; then
+  # sixth session: the Wan guided step with the arena by default (automatic transport), one and two head groups
+  # (TACO_ULYSSES_CHUNKS), against this call's 1-GPU baseline; beside it the 1-GPU fork path, then 4 GPUs
+  # (the VAE's GroupNorm statistics pass now on by default)
+  f24() { grep -E '^\{|Error|error:|refused|Sampling:|Traceback' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
+      2>&1 | f24 ) &
+  ( fork_1gpu | f24 ) &
+  wait
+  for n in 1 2; do
+    TACO_ULYSSES_CHUNKS=$n timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_step_chunks$n.jsonl" 2>&1 | f24
+  done
+  fork_ngpu 4 | f24
 fi
 if [ "$what" = step ] || [ "$what" = all ]; then
   python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --diffusers --out "$OUT/step.jsonl" 2>&1 | filter

@@ -79,9 +79,10 @@ def test_ulysses_layouts_and_pipelining_match_full_attention(world, ulysses, rin
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def _deferred_worker(rank, world, ulysses, ring, seq, pad, batch):
+def _deferred_worker(rank, world, ulysses, ring, seq, pad, batch, chunks=1):
     """q as a tensor, k and v deferred (callables), as Wan's self-attention passes them; records the order of
     exchanges started and deferred inputs computed."""
+    os.environ["TACO_ULYSSES_CHUNKS"] = str(chunks)
     dims = MeshDims(world_size=world, ulysses=ulysses, ring=ring)
     mesh = ParallelMesh(dims)
     q, k, v = _inputs(seq, batch=batch)
@@ -113,21 +114,28 @@ def _deferred_worker(rank, world, ulysses, ring, seq, pad, batch):
     return idx, out, events
 
 
-@pytest.mark.parametrize("world,ulysses,ring,seq,pad,batch", [
-    (2, 2, 1, 16, 0, 1),
-    (2, 2, 1, 15, 1, 2),
-    (4, 2, 2, 29, 3, 1),
-    (4, 4, 1, 30, 2, 1),
+@pytest.mark.parametrize("world,ulysses,ring,seq,pad,batch,chunks", [
+    (2, 2, 1, 16, 0, 1, 1),
+    (2, 2, 1, 15, 1, 2, 1),
+    (4, 2, 2, 29, 3, 1, 1),
+    (4, 4, 1, 30, 2, 1, 1),
+    (2, 2, 1, 15, 1, 1, 2),  # two head groups: group 0's attention needs only group 0's q/k/v
+    (4, 2, 2, 29, 3, 2, 2),
 ])
-def test_deferred_k_and_v_are_computed_while_q_is_exchanged(world, ulysses, ring, seq, pad, batch):
+def test_deferred_k_and_v_are_computed_while_q_is_exchanged(world, ulysses, ring, seq, pad, batch, chunks):
     q, k, v = _inputs(seq, batch=batch)
     ref = F.scaled_dot_product_attention(q, k, v)
-    results = sorted(run_on_ranks(world, _deferred_worker, ulysses, ring, seq, pad, batch), key=lambda r: r[0])
+    results = sorted(run_on_ranks(world, _deferred_worker, ulysses, ring, seq, pad, batch, chunks),
+                     key=lambda r: r[0])
     out = torch.cat([o for _, o, _ in results], dim=2)[:, :, :seq]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    groups = [str(c) for c in range(chunks)] if chunks > 1 else [""]
+    expected = [f"exchange ulysses_q{c}" for c in groups]
+    for name in ("k", "v"):
+        expected += [f"compute {name}"] + [f"exchange ulysses_{name}{c}" for c in groups]
+    expected += [f"exchange ulysses_out{c}" for c in range(chunks)]
     for _, _, events in results:
-        assert events == ["exchange ulysses_q", "compute k", "exchange ulysses_k", "compute v", "exchange ulysses_v",
-                          "exchange ulysses_out0"]
+        assert events == expected
 
 
 def test_deferred_inputs_are_computed_first_without_an_override_that_takes_them():

@@ -308,7 +308,7 @@ class _Arena:
     sub-group exchanges: the only rendezvous is the world's, which the 4-GPU runs showed working.
 
     Its size is agreed (a MAX all-reduce over the world) when the first sub-group exchange asks for it:
-    `TACO_SYMM_ARENA_MB`, else 8 x that exchange's receive buffer. Every rank of the world reaches that
+    `TACO_SYMM_ARENA_MB`, else 16 x that exchange's receive buffer. Every rank of the world reaches that
     point together, since every rank runs the same model, layer for layer; only the shapes may differ between
     groups (e.g. CFG 2's positive and negative prompts), hence the MAX. Afterwards each group takes slices
     by its own count, which its members keep alike (they run the same exchanges in the same order), so no
@@ -321,7 +321,7 @@ class _Arena:
         import torch.distributed._symmetric_memory as symm_mem
 
         mb = os.environ.get("TACO_SYMM_ARENA_MB", "").strip()
-        want = torch.tensor([int(mb) << 20 if mb else 8 * need], dtype=torch.int64, device=device)
+        want = torch.tensor([int(mb) << 20 if mb else 16 * need], dtype=torch.int64, device=device)
         dist.all_reduce(want, op=dist.ReduceOp.MAX)
         self.nbytes = int(want.item())
         name = dist.group.WORLD.group_name

@@ -194,27 +194,46 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
     """Ulysses with q, k and v in separate exchanges, for inputs that are separate tensors (Wan): q's exchange
     starts first, and k and v, when deferred (callables, attention.py), are computed while the exchanges
     before them are in flight, so only v's exchange and the return are exposed. Each block is
-    [B, S/P, hp, D] (token-major for one destination's heads), so the arriving q/k/v of B == 1 are read in
-    place as [1, hp, S, D] views."""
+    [B, S/P, hc, D] (token-major for one destination's heads), so the arriving q/k/v of B == 1 are read in
+    place as [1, hc, S, D] views.
+
+    Over `ulysses_chunks` head groups (TACO_ULYSSES_CHUNKS), group c's attention waits only for group c's
+    q/k/v, so the later groups' exchanges and the earlier groups' returns run beside an attention.
+
+    Symmetric memory was measured for this layout at batch 1 on the Ulysses pairs of CFG 2 x Ulysses 2 (the
+    world's arena; Wan 14B guided step 1542.5 against 1570.3 ms with NCCL on 4 x H200, benchmarks/
+    RESULTS.md), so there the automatic transport takes it; not yet on a group of the whole world."""
+    from comfy.taco_dit.parallel.exchange import _whole_host
+
     p = ulysses.size
-    arriving = []
     background = q.shape[0] == 1  # symmetric memory: copy-engine memcpys (2-D where strided), beside the GEMMs
+    measured = background and not _whole_host(ulysses)
+    arriving: list[list] = []  # per head group: the pending q, k and v
     for name, t in (("q", q), ("k", k), ("v", v)):
         t = materialize(t)
         b, h, s, d = t.shape
         hp = h // p
-        # [P, B, S/P, hp, D]: destination r gets heads r*hp ... of this rank's tokens
-        blocks = t.transpose(1, 2).reshape(b, s, p, hp, d).permute(2, 0, 1, 3, 4)
-        ex = ulysses.exchange(f"ulysses_{name}", (b, s, hp, d), t.dtype, t.device)
-        arriving.append(ex.start(blocks, background=background))
+        if not arriving:
+            n = ulysses_chunks(hp)
+            hc = hp // n
+            arriving = [[] for _ in range(n)]
+        # [n, P, B, S/P, hc, D]: head group c for destination r is heads r*hp + c*hc ... of this rank's tokens
+        blocks = t.transpose(1, 2).reshape(b, s, p, n, hc, d).permute(3, 2, 0, 1, 4, 5)
+        for c in range(n):
+            ex = ulysses.exchange(f"ulysses_{name}{c if n > 1 else ''}", (b, s, hc, d), t.dtype, t.device,
+                                  measured=measured)
+            arriving[c].append(ex.start(blocks[c], background=background))
     before, after = _split_side_work(side_work)
     run_side_work(before)
-    qkv = []
-    for pending in arriving:
-        recv = pending.wait()  # [P, B, S/P, hp, D], sequence in rank order
-        qkv.append(recv.view(1, p * s, hp, d).transpose(1, 2) if b == 1
-                   else recv.transpose(0, 1).reshape(b, p * s, hp, d).transpose(1, 2))
-    returning = [_send_back(ring_attention(*qkv, ring, keep), ulysses, "ulysses_out0", False, background)]
+    returning = []
+    for c in range(n):
+        qkv = []
+        for pending in arriving[c]:
+            recv = pending.wait()  # [P, B, S/P, hc, D], sequence in rank order
+            qkv.append(recv.view(1, p * s, hc, d).transpose(1, 2) if b == 1
+                       else recv.transpose(0, 1).reshape(b, p * s, hc, d).transpose(1, 2))
+        returning.append(_send_back(ring_attention(*qkv, ring, keep), ulysses, f"ulysses_out{c}", measured,
+                                    background))
     run_side_work(after)
     return _interleave(returning, b, s, h, d)
 
