@@ -126,3 +126,34 @@ def test_odd_latent_size_is_padded_and_cropped():
     with torch.no_grad():
         out = m(x, torch.tensor([500.0]), torch.randn(1, 4, TINY["text_dim"]))
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("model_type", ["t2v", "i2v"])
+def test_context_keys_and_values_are_the_self_attentions_side_work(model_type, monkeypatch):
+    """Each block projects the context's keys and values once, as side work of its self-attention (run while
+    sequence-parallel exchanges are in flight), and the cross-attention uses them: the output is bit-identical
+    to computing them inside the cross-attention."""
+    import comfy.model_detection
+    from comfy.ldm.wan.model import WanAttentionBlock, WanModel
+
+    sd = random_wan_state_dict(model_type, seed=3, **TINY)
+    m = WanModel(**comfy.model_detection.detect_unet_config(sd, "")).eval()
+    m.load_state_dict(sd)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16 if model_type == "t2v" else 36, 2, 4, 6, generator=g)
+    ctx = torch.randn(1, 7, TINY["text_dim"], generator=g)
+    clip = torch.randn(1, 5, TINY["in_dim_img"], generator=g) if model_type == "i2v" else None
+    names = ["k", "v"] + (["k_img", "v_img"] if model_type == "i2v" else [])
+    calls = []
+    for i, block in enumerate(m.blocks):
+        for name in names:
+            getattr(block.cross_attn, name).register_forward_hook(lambda *a, tag=(i, name): calls.append(tag))
+    with torch.no_grad():
+        out = m(x, torch.tensor([500.0]), ctx, clip_fea=clip)
+    assert sorted(calls) == sorted((i, n) for i in range(len(m.blocks)) for n in names)  # once each
+    # without the side work (context_kv doing nothing) the cross-attention computes them itself
+    monkeypatch.setattr(type(m.blocks[0].cross_attn), "context_kv", lambda self, c, n, kv: None)
+    assert isinstance(m.blocks[0], WanAttentionBlock)
+    with torch.no_grad():
+        again = m(x, torch.tensor([500.0]), ctx, clip_fea=clip)
+    assert torch.equal(out, again)

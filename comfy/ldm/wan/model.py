@@ -108,7 +108,10 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps, **kw) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps, **kw) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, transformer_options: dict | None = None):
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, transformer_options: dict | None = None,
+                side_work=None):
+        """`side_work`: (before, after) callables independent of this attention (attention.py): under sequence
+        parallel they run while its exchanges are in flight, else first."""
         b, n, _ = x.shape
 
         def rotated(proj, norm):
@@ -117,17 +120,30 @@ class WanSelfAttention(nn.Module):
 
         # k and v deferred (attention.py): under sequence parallel q's exchange is in flight while they compute
         out = optimized_attention(rotated(self.q, self.norm_q), lambda: rotated(self.k, self.norm_k),
-                                  lambda: self.v(x), self.num_heads, transformer_options=transformer_options)
+                                  lambda: self.v(x), self.num_heads, transformer_options=transformer_options,
+                                  side_work=side_work)
         return self.o(out)
 
 
 class WanT2VCrossAttention(WanSelfAttention):
+    def context_kv(self, context: torch.Tensor, context_img_len: int | None, kv: dict):
+        """(before, after): the keys and values of the context, which depend on nothing else of the block,
+        computed into `kv` as the self-attention's side work (one GEMM each side of its exchanges)."""
+        def keys():
+            kv["k"] = self.norm_k(self.k(context))
+
+        def values():
+            kv["v"] = self.v(context)
+        return keys, values
+
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img_len: int | None = 0,
-                transformer_options: dict | None = None):
+                transformer_options: dict | None = None, kv: dict | None = None):
         opts = cross_attention_options(transformer_options)
         q = self.norm_q(self.q(x))
-        k = self.norm_k(self.k(context))
-        out = optimized_attention(q, k, self.v(context), self.num_heads, transformer_options=opts)
+        kv = kv or {}
+        k = kv["k"] if "k" in kv else self.norm_k(self.k(context))
+        v = kv["v"] if "v" in kv else self.v(context)
+        out = optimized_attention(q, k, v, self.num_heads, transformer_options=opts)
         return self.o(out)
 
 
@@ -142,18 +158,35 @@ class WanI2VCrossAttention(WanSelfAttention):
         self.v_img = operations.Linear(dim, dim, **kw)
         self.norm_k_img = WanRMSNorm(dim, eps, **kw) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img_len: int | None = 0,
-                transformer_options: dict | None = None):
-        opts = cross_attention_options(transformer_options)
+    @staticmethod
+    def _split(context: torch.Tensor, context_img_len: int | None):
         # context = [image tokens, text tokens]. Without image tokens (context_img_len None) both branches
         # see the whole text context, which is what ComfyUI computes for an i2v model run without CLIP vision.
-        ctx_img = context[:, :context_img_len]
-        ctx = context[:, context_img_len:]
+        return context[:, :context_img_len], context[:, context_img_len:]
+
+    def context_kv(self, context: torch.Tensor, context_img_len: int | None, kv: dict):
+        """(before, after) side work as WanT2VCrossAttention's: the text keys and values, then the image ones."""
+        ctx_img, ctx = self._split(context, context_img_len)
+
+        def text():
+            kv["k"], kv["v"] = self.norm_k(self.k(ctx)), self.v(ctx)
+
+        def image():
+            kv["k_img"], kv["v_img"] = self.norm_k_img(self.k_img(ctx_img)), self.v_img(ctx_img)
+        return text, image
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img_len: int | None = 0,
+                transformer_options: dict | None = None, kv: dict | None = None):
+        opts = cross_attention_options(transformer_options)
+        ctx_img, ctx = self._split(context, context_img_len)
         q = self.norm_q(self.q(x))
-        k = self.norm_k(self.k(ctx))
-        out = optimized_attention(q, k, self.v(ctx), self.num_heads, transformer_options=opts)
-        k_img = self.norm_k_img(self.k_img(ctx_img))
-        out_img = optimized_attention(q, k_img, self.v_img(ctx_img), self.num_heads, transformer_options=opts)
+        kv = kv or {}
+        k = kv["k"] if "k" in kv else self.norm_k(self.k(ctx))
+        v = kv["v"] if "v" in kv else self.v(ctx)
+        out = optimized_attention(q, k, v, self.num_heads, transformer_options=opts)
+        k_img = kv["k_img"] if "k_img" in kv else self.norm_k_img(self.k_img(ctx_img))
+        v_img = kv["v_img"] if "v_img" in kv else self.v_img(ctx_img)
+        out_img = optimized_attention(q, k_img, v_img, self.num_heads, transformer_options=opts)
         return self.o(out + out_img)
 
 
@@ -194,10 +227,13 @@ class WanAttentionBlock(nn.Module):
         rows = _modulation_rows(x, mod)
         # each [rows or 1, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.reshape(-1, 6, mod.shape[-1]).chunk(6, dim=1)
+        # the cross-attention's keys and values of the context are the self-attention's side work: under
+        # sequence parallel they run while its exchanges are in flight
+        kv: dict = {}
         y = self.self_attn(layernorm_modulate(x.view(rows), shift1, scale1, self.norm1.eps).view(x.shape), freqs,
-                           transformer_options)
+                           transformer_options, side_work=self.cross_attn.context_kv(context, context_img_len, kv))
         x = torch.addcmul(x.view(rows), y.view(rows), gate1).view(x.shape)
-        x = x + self.cross_attn(self.norm3(x), context, context_img_len, transformer_options)
+        x = x + self.cross_attn(self.norm3(x), context, context_img_len, transformer_options, kv=kv)
         y = self.ffn[2](linear_gelu(self.ffn[0], layernorm_modulate(x.view(rows), shift2, scale2,
                                                                     self.norm2.eps)))  # GELU in the GEMM
         return torch.addcmul(x.view(rows), y, gate2).view(x.shape)
