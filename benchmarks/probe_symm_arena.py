@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from probe_alltoall import init_nccl  # noqa: E402
+from probe_attention import bench  # noqa: E402
 
 from comfy.taco_dit.parallel import exchange  # noqa: E402
 from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh  # noqa: E402
@@ -38,18 +39,11 @@ def blocks_of(t: torch.Tensor, p: int) -> torch.Tensor:
     return t.reshape(b, s, p, h // p, d).permute(2, 0, 1, 3, 4)
 
 
-def timed(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
+def timed(fn) -> float:
+    """probe_attention.bench, with the ranks lined up first."""
     torch.cuda.synchronize()
     dist.barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return bench(fn)
 
 
 def main() -> None:
