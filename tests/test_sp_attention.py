@@ -365,6 +365,35 @@ def test_exchange_falls_back_to_nccl_when_symmetric_memory_fails(monkeypatch, ca
                       exchange.NcclExchange)
 
 
+def test_staged_exchanges_take_the_arena_on_a_whole_world_group(monkeypatch):
+    """Where symmetric memory is chosen for a group of every rank, an exchange asked with arena=True (Wan's
+    staged q/k/v, built while others are in flight) gets a slice of the world's arena, not a rendezvous of
+    its own; the others keep the group's own buffers; a full arena leaves that shape to NCCL."""
+    import comfy.taco_dit.parallel.exchange as exchange
+    from comfy.taco_dit.parallel.mesh import GroupHandle
+
+    built = []
+
+    def fake(kind):
+        class Fake(exchange.SymmetricExchange):
+            def __init__(self, group, shape, *a, **k):  # records instead of allocating GPU memory
+                if shape[-1] == 99:
+                    raise exchange.ArenaFull("arena full")
+                built.append(kind)
+        return Fake
+
+    monkeypatch.setattr(exchange, "transport", lambda *a, **k: "symm")
+    monkeypatch.setattr(exchange, "ArenaExchange", fake("arena"))
+    monkeypatch.setattr(exchange, "SymmetricExchange", fake("own"))
+    group = GroupHandle([0, 1], None, 0)
+    cpu = torch.device("cpu")
+    group.exchange("ulysses_q", (1, 4, 2, 8), torch.float32, cpu, measured=True, arena=True)
+    group.exchange("ulysses_qkv0", (1, 4, 3, 2, 8), torch.float32, cpu, measured=True)
+    assert built == ["arena", "own"]
+    assert isinstance(group.exchange("ulysses_k", (1, 4, 2, 99), torch.float32, cpu, arena=True),
+                      exchange.NcclExchange)
+
+
 def test_pitched_rows_finds_the_2d_regions_copied_by_one_memcpy():
     from comfy.taco_dit.parallel.exchange import pitched_rows
 

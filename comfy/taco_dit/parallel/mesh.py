@@ -76,10 +76,12 @@ class GroupHandle:
         self._symmetric_failed = False
 
     def exchange(self, name: str, block_shape: tuple, dtype: torch.dtype, device: torch.device,
-                 measured: bool = False):
+                 measured: bool = False, arena: bool = False):
         """The all-to-all exchange `name` of equal `block_shape` blocks (see exchange.py), kept for reuse.
         Its first use is collective when the transport is symmetric memory. `measured`: symmetric memory
-        was measured for this kind of exchange, so the automatic transport may pick it."""
+        was measured for this kind of exchange, so the automatic transport may pick it. `arena`: symmetric
+        memory, where chosen, comes from the world's arena even for a group of every rank (exchanges built
+        while others are in flight, as Wan's staged k and v: see sp_attention._ulysses_staged)."""
         from comfy.taco_dit.parallel.exchange import (
             ArenaExchange,
             ArenaFull,
@@ -92,6 +94,8 @@ class GroupHandle:
         ex = self._exchanges.get(key)
         if ex is None:
             kind = "nccl" if self._symmetric_failed else transport(device, self, measured)
+            if kind == "symm" and arena:
+                kind = "arena"
             ex = None
             if kind in ("symm", "arena"):
                 try:

@@ -169,7 +169,8 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
     return _interleave(returning, b, s, h, d)
 
 
-def _send_back(out: torch.Tensor, ulysses: GroupHandle, name: str, measured: bool, background: bool):
+def _send_back(out: torch.Tensor, ulysses: GroupHandle, name: str, measured: bool, background: bool,
+               arena: bool = False):
     """Start returning attention output [B, hc, S, D] (one head group, the whole sequence) to the ranks whose
     tokens they are."""
     p = ulysses.size
@@ -177,7 +178,7 @@ def _send_back(out: torch.Tensor, ulysses: GroupHandle, name: str, measured: boo
     s = length // p
     # [P, B, S/P, hc, D]: for B == 1 cuDNN's token-major output already is this layout, sent as it is
     out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1)
-    ex = ulysses.exchange(name, (b, s, hc, d), out.dtype, out.device, measured=measured)
+    ex = ulysses.exchange(name, (b, s, hc, d), out.dtype, out.device, measured=measured, arena=arena)
     return ex.start(out, background=background)
 
 
@@ -202,7 +203,10 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
 
     Symmetric memory was measured for this layout at batch 1 on the Ulysses pairs of CFG 2 x Ulysses 2 (the
     world's arena; Wan 14B guided step 1542.5 against 1570.3 ms with NCCL on 4 x H200, benchmarks/
-    RESULTS.md), so there the automatic transport takes it; not yet on a group of the whole world."""
+    RESULTS.md), so there the automatic transport takes it; not yet on a group of the whole world. Where
+    symmetric memory is used (also with TACO_A2A=symm), it always comes from the arena: k's and v's
+    exchanges are built while q's is in flight, and Wan under Ulysses 2 with a rendezvous per exchange
+    (a group of the whole world) hung on 2 x H200 (sixth session), as it had on the pairs before."""
     from comfy.taco_dit.parallel.exchange import _whole_host
 
     p = ulysses.size
@@ -221,7 +225,7 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
         blocks = t.transpose(1, 2).reshape(b, s, p, n, hc, d).permute(3, 2, 0, 1, 4, 5)
         for c in range(n):
             ex = ulysses.exchange(f"ulysses_{name}{c if n > 1 else ''}", (b, s, hc, d), t.dtype, t.device,
-                                  measured=measured)
+                                  measured=measured, arena=True)
             arriving[c].append(ex.start(blocks[c], background=background))
     before, after = _split_side_work(side_work)
     run_side_work(before)
@@ -233,7 +237,7 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
             qkv.append(recv.view(1, p * s, hc, d).transpose(1, 2) if b == 1
                        else recv.transpose(0, 1).reshape(b, p * s, hc, d).transpose(1, 2))
         returning.append(_send_back(ring_attention(*qkv, ring, keep), ulysses, f"ulysses_out{c}", measured,
-                                    background))
+                                    background, arena=True))
     run_side_work(after)
     return _interleave(returning, b, s, h, d)
 
