@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     prepare_directories(args, clear_temp=world_size == 1 or os.environ.get("RANK", "0") == "0")
+    import folder_paths
+    from comfy.taco_dit.utils import gemm_tuning
+
+    gemm_tuning.configure(os.path.join(folder_paths.get_user_directory(), "taco_gemm"))  # TACO_TUNE_GEMM=1
     # One writer per host (LOCAL_RANK 0); the files land atomically, before any prompt can need them.
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from app import demo

@@ -275,6 +275,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "flux_step.jsonl"))
     args = p.parse_args()
+    from comfy.taco_dit.utils import gemm_tuning
+
+    gemm_tuning.configure()  # TACO_TUNE_GEMM=1: TunableOp (see there)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         run_parallel(args)
     else:

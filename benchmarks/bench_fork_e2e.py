@@ -159,6 +159,9 @@ def main() -> None:
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                    help="optimization.use_cuda_graph (auto: on when the model is split over GPUs)")
     args = p.parse_args()
+    from comfy.taco_dit.utils import gemm_tuning
+
+    gemm_tuning.configure()  # TACO_TUNE_GEMM=1: TunableOp (see there)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the console's per-rank "Sampling:" lines

@@ -103,6 +103,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "wan_step.jsonl"))
     args = p.parse_args()
+    from comfy.taco_dit.utils import gemm_tuning
+
+    gemm_tuning.configure()  # TACO_TUNE_GEMM=1: TunableOp (see there)
     cfg = TINY if args.tiny else WAN_14B
     latent = (3, 6, 8) if args.tiny else (21, 60, 104)
     world = int(os.environ.get("WORLD_SIZE", "1"))
