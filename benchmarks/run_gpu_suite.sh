@@ -420,20 +420,17 @@ if [ "$what" = s23 ]; then
 fi
 if [ "$what" = s24 ]; then
   # sixth session: the Wan guided step with the arena by default (automatic transport) and the cross-attention's
-  # k/v as side work; with TunableOp (TACO_TUNE_GEMM=1) on the 1-GPU baseline and on 4 GPUs; one and two head
-  # groups. Beside the 1-GPU runs, the 1-GPU fork path; then 4 GPUs (VAE GroupNorm statistics pass on by default)
+  # k/v as side work, against NCCL and this call's 1-GPU baseline; beside the 1-GPU baseline, the 1-GPU fork
+  # path; then 4 GPUs (VAE GroupNorm statistics pass on by default). Head groups and TunableOp were left out
+  # after call s27 (2 GPUs) measured both slower.
   f24() { grep -E '^\{|Error|error:|refused|Sampling:|Traceback' | grep -v Warning; }
   ( CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
       2>&1 | f24 ) &
-  ( CUDA_VISIBLE_DEVICES=2 TACO_TUNE_GEMM=1 timeout 200 python3 benchmarks/bench_wan_step.py --cfg \
-      --out "$OUT/wan_cfg_step_tuned.jsonl" 2>&1 | f24 ) &
   ( fork_1gpu | f24 ) &
   wait
-  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
-    --out "$OUT/wan_cfg_step_c2u2.jsonl" 2>&1 | f24
-  for n in 1 2; do
-    TACO_TUNE_GEMM=1 TACO_ULYSSES_CHUNKS=$n timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py \
-      --cfg --configs c2u2 --out "$OUT/wan_cfg_step_c2u2_tuned_chunks$n.jsonl" 2>&1 | f24
+  for a2a in auto nccl; do
+    TACO_A2A=$a2a timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_step_c2u2_$a2a.jsonl" 2>&1 | f24
   done
   fork_ngpu 4 | f24
 fi

@@ -201,17 +201,16 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
     Over `ulysses_chunks` head groups (TACO_ULYSSES_CHUNKS), group c's attention waits only for group c's
     q/k/v, so the later groups' exchanges and the earlier groups' returns run beside an attention.
 
-    Symmetric memory was measured for this layout at batch 1 on the Ulysses pairs of CFG 2 x Ulysses 2 (the
-    world's arena; Wan 14B guided step 1542.5 against 1570.3 ms with NCCL on 4 x H200, benchmarks/
-    RESULTS.md), so there the automatic transport takes it; not yet on a group of the whole world. Where
+    Symmetric memory was measured for this layout at batch 1 on groups of 2 (the world's arena; on H200s: the
+    Wan 14B guided step under CFG 2 x Ulysses 2, 1542.5 against 1570.3 ms with NCCL; one forward under
+    Ulysses 2 on 2 GPUs, 1509.3 against 1553.7 ms; benchmarks/RESULTS.md), so there the automatic transport
+    takes it; larger groups are not measured yet. Two head groups measured slower (1532.4 ms). Where
     symmetric memory is used (also with TACO_A2A=symm), it always comes from the arena: k's and v's
     exchanges are built while q's is in flight, and Wan under Ulysses 2 with a rendezvous per exchange
     (a group of the whole world) hung on 2 x H200 (sixth session), as it had on the pairs before."""
-    from comfy.taco_dit.parallel.exchange import _whole_host
-
     p = ulysses.size
     background = q.shape[0] == 1  # symmetric memory: copy-engine memcpys (2-D where strided), beside the GEMMs
-    measured = background and not _whole_host(ulysses)
+    measured = background and p == 2
     arriving: list[list] = []  # per head group: the pending q, k and v
     for name, t in (("q", q), ("k", k), ("v", v)):
         t = materialize(t)
