@@ -251,11 +251,11 @@ def test_symmetric_memory_groups_one_host(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     pair, world = (SimpleNamespace(size=n, group=object(), _exchanges={}) for n in (2, 4))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert exchange._whole_host(world)
-    assert not exchange._whole_host(pair)
+    assert exchange.whole_host(world)
+    assert not exchange.whole_host(pair)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two GPUs: peers' memory is not mapped
-    assert not exchange._whole_host(pair)
-    assert not exchange._whole_host(world)
+    assert not exchange.whole_host(pair)
+    assert not exchange.whole_host(world)
     monkeypatch.setattr(exchange, "_peer_access", lambda n: True)
     cuda = torch.device("cuda", 0)
     assert exchange.transport(cuda, pair, measured=True) == exchange.transport(cuda, world, measured=True) == "nccl"

@@ -73,7 +73,7 @@ def enable_group(group_name: str) -> None:
 MAX_SYMMETRIC = 8  # symmetric exchanges kept per group (one per message shape); later shapes use NCCL
 
 
-def _whole_host(group) -> bool:
+def whole_host(group) -> bool:
     """`group` is every rank of the job, and they all run on this host (peer-mapped memory)."""
     import torch.distributed as dist
 
@@ -133,7 +133,7 @@ def transport(device: torch.device, group=None, measured: bool = False) -> str:
             if not _peer_access(torch.cuda.device_count()):
                 why = "the GPUs have no peer access"
     if why is None:
-        return "symm" if _whole_host(group) else "arena"
+        return "symm" if whole_host(group) else "arena"
     if want == "symm" and why not in _warned:
         _warned.add(why)
         logging.warning("TACO_A2A=symm: using NCCL's all-to-all because %s", why)

@@ -15,6 +15,7 @@ import os
 import torch
 
 from comfy.ldm.modules.attention import materialize, run_side_work, sdpa
+from comfy.taco_dit.parallel.exchange import whole_host
 from comfy.taco_dit.parallel.mesh import GroupHandle
 
 
@@ -135,8 +136,9 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
     source = packed.unflatten(3, (p, n, hc)).permute(4, 3, 0, 1, 2, 5, 6) if packed is not None else None
     # with independent work to hide them behind, symmetric-memory exchanges go by copy engine (exchange.py)
     background = bool(side_work) and b == 1
-    # the layout symmetric memory was measured with on GPUs (Flux: packed q/k/v, batch 1, one head group)
-    measured = packed is not None and b == 1 and n == 1
+    # the layout symmetric memory was measured with on GPUs (Flux: packed q/k/v, batch 1, one head group, on a
+    # group of every GPU; a sub-group's arena was measured for Wan's staged exchanges only)
+    measured = packed is not None and b == 1 and n == 1 and whole_host(ulysses)
 
     def writer(c):
         def write(targets):
