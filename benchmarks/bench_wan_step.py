@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--context-side-work", nargs="*", default=["on"], choices=["on", "off"],
+                   help="N GPUs: the cross-attention's context k/v as the self-attention's side work (A/B)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "wan_step.jsonl"))
     args = p.parse_args()
     from comfy.taco_dit.utils import gemm_tuning
@@ -193,17 +195,23 @@ def main() -> None:
             # CFG parallel: this rank's half of the pair, then the pair's all-gather (the sampler hook's work)
             mine = slice(mesh.cfg.rank_in_group, mesh.cfg.rank_in_group + 1) if c == 2 else slice(None)
             xs, ts, cs = x[mine], t[mine], ctx[mine]
-            for mode in ["eager"] + (["cuda_graph"] if args.graph else []):
+            cross = type(model.blocks[0].cross_attn)
+            own_context_kv = cross.context_kv
+            for side, mode in [(v, m) for v in args.context_side_work
+                               for m in ["eager"] + (["cuda_graph"] if args.graph else [])]:
+                if side == "off":  # the cross-attention computes its context k/v itself, after the self-attention
+                    cross.context_kv = lambda self, *a: None
                 run = (lambda: model(xs, ts, cs)) if mode == "eager" else \
                     (lambda g=CUDAGraphCallable(lambda a, b, c: model(a, b, c)): g(xs, ts, cs))
                 fn = (lambda run=run: mesh.cfg.all_gather(run(), dim=0)) if c == 2 else run
                 out = fn()
                 ms = timed(fn)
+                cross.context_kv = own_context_kv
                 if dist.get_rank() == 0:
                     diff = (out.float() - reference.float()).abs()
                     emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": mode, "gpus": world,
                                     "attention": backend, "fused": fused_label(), "config": name, "step_ms": round(ms, 2),
-                                    "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
+                                    "context_side_work": side, "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
                                     "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
                                     "card": where, **guided})
             del model.forward_orig
