@@ -420,7 +420,7 @@ if [ "$what" = s23 ]; then
 fi
 if [ "$what" = s24 ]; then
   # sixth session: the Wan guided step with the arena by default (automatic transport) and the cross-attention's
-  # k/v as side work, against NCCL and this call's 1-GPU baseline; beside the 1-GPU baseline, the 1-GPU fork
+  # k/v as side work, against this call's 1-GPU baseline (call s23 had NCCL's A/B); beside it, the 1-GPU fork
   # path; then 4 GPUs (VAE GroupNorm statistics pass on by default). Head groups and TunableOp were left out
   # after call s27 (2 GPUs) measured both slower.
   f24() { grep -E '^\{|Error|error:|refused|Sampling:|Traceback' | grep -v Warning; }
@@ -428,10 +428,8 @@ if [ "$what" = s24 ]; then
       2>&1 | f24 ) &
   ( fork_1gpu | f24 ) &
   wait
-  for a2a in auto nccl; do
-    TACO_A2A=$a2a timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
-      --out "$OUT/wan_cfg_step_c2u2_$a2a.jsonl" 2>&1 | f24
-  done
+  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+    --out "$OUT/wan_cfg_step_c2u2.jsonl" 2>&1 | f24
   fork_ngpu 4 | f24
 fi
 if [ "$what" = s25 ]; then
