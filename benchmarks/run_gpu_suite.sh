@@ -426,11 +426,11 @@ if [ "$what" = s24 ]; then
   f24() { grep -E '^\{|Error|error:|refused|Sampling:|Traceback' | grep -v Warning; }
   ( CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
       2>&1 | f24 ) &
-  ( fork_1gpu | f24 ) &
+  [ -n "${S24_NO_FORK:-}" ] || ( fork_1gpu | f24 ) &
   wait
   timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
     --out "$OUT/wan_cfg_step_c2u2.jsonl" 2>&1 | f24
-  fork_ngpu 4 | f24
+  [ -n "${S24_NO_FORK:-}" ] || fork_ngpu 4 | f24
 fi
 if [ "$what" = s25 ]; then
   # sixth session, on 2 GPUs: where the Wan 14B forward goes on 1 GPU and per rank under Ulysses 2 with
