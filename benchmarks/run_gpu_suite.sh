@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -466,6 +466,52 @@ if [ "$what" = s27 ]; then
     env $v timeout 110 torchrun --nproc_per_node=2 benchmarks/bench_wan_step.py --configs u2 \
       --out "$OUT/wan_u2.jsonl" 2>&1 | f27
   done
+fi
+if [ "$what" = s29 ]; then
+  # seventh session: the transformer GEMMs of Wan 14B and Flux at the per-rank token counts of 1, 2 and 4 GPUs and
+  # nearby multiples of 8 / 64 / 128 (does cuBLAS's choice at 16380 rows cost Ulysses 2 its matmul time?), 1 GPU
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/probe_gemm_rows.py --out "$OUT/gemm_rows.jsonl" 2>&1 \
+    | grep -E '^\{|Error|error:|Traceback' | grep -v Warning
+fi
+if [ "$what" = s30 ]; then
+  # seventh session: Flux 1024² on 2 GPUs, Ring 2 with the keys gathered in one exchange (sp_attention.ring_gathered)
+  # against Ulysses 2, CUDA graphs; NCCL and symmetric memory (copy engines); the 1-GPU baseline beside them on GPU 2
+  f30() { grep -E '^\{|Error|error:|Traceback' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f30 ) &
+  CUDA_VISIBLE_DEVICES=0,1 timeout 220 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+    --configs u2 r2 --out "$OUT/step_2gpu.jsonl" 2>&1 | f30
+  CUDA_VISIBLE_DEVICES=0,1 TACO_A2A=symm timeout 160 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py \
+    --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_symm.jsonl" 2>&1 | f30
+  wait
+fi
+if [ "$what" = s31 ]; then
+  # seventh session: where a Flux 1024² step goes on 2 GPUs, Ring 2 with gathered keys (symmetric memory) and Ulysses
+  # 2 (automatic), CUDA graphs, one profile per rank
+  for c in r2 u2; do
+    a2a=auto; [ "$c" = r2 ] && a2a=symm
+    CUDA_VISIBLE_DEVICES=0,1 TACO_A2A=$a2a timeout 170 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py \
+      --sizes 1024 --config $c --graph --top 40 --out "$OUT/profile.jsonl" > "$OUT/profile_$c.log" 2>&1; echo "$c rc=$?"
+  done
+  grep -h '^{' "$OUT/profile.jsonl" | cut -c1-400
+fi
+if [ "$what" = s32 ]; then
+  # seventh session: as s30 with the gathered ring's q/k/v written in place (automatic transport: symmetric memory)
+  f32() { grep -E '^\{|Error|error:|Traceback' | grep -v Warning; }
+  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | f32 ) &
+  CUDA_VISIBLE_DEVICES=0,1 timeout 220 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+    --configs r2 u2 --out "$OUT/step_2gpu.jsonl" 2>&1 | f32
+  wait
+fi
+if [ "$what" = s33 ]; then
+  # seventh session: the full fork path, Flux 1024² 20 steps, on 1 GPU and on 2 GPUs with the automatic plan (now ring
+  # 2 with the keys gathered in place) and with Ulysses 2 asked for (--config u2)
+  f33() { grep -E '^\{|Error|error:|refused|Sampling:|TACO-DiT plan|Traceback' | grep -v Warning; }
+  fork_1gpu | f33
+  fork_ngpu 2 | f33
+  timeout 110 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag u2 --config u2 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f33
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context

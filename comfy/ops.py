@@ -55,10 +55,21 @@ def _layer_weight(layer: torch.nn.Module, x: torch.Tensor):
     return layer.weight, layer.bias
 
 
-def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w^T + b, then the tanh GELU when `gelu`: in one GEMM on CUDA half precision with a bias (cuBLASLt
     applies bias and GELU in the matmul's epilogue via `torch._addmm_activation`, so the result is written once
-    instead of written, read and written again by a separate GELU pass); elsewhere the two ops."""
+    instead of written, read and written again by a separate GELU pass); elsewhere the two ops.
+    `out` (no GELU): a contiguous [..., out features] tensor the GEMM writes into, which is returned."""
+    if out is not None:
+        if gelu:
+            raise ValueError("out= is for a plain linear layer, not one with the GELU fused")
+        x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, w.shape[0])
+        if b is None:
+            torch.mm(x2, w.t(), out=o2)
+        else:
+            torch.addmm(b, x2, w.t(), out=o2)
+        return out
     if gelu and x.is_cuda and b is not None and x.dtype in (torch.bfloat16, torch.float16):
         return torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True) \
             .view(*x.shape[:-1], w.shape[0])
@@ -72,11 +83,12 @@ def linear_gelu(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _linear_act(x, w, b, gelu=True)
 
 
-def linear_rows(layer: torch.nn.Module, x: torch.Tensor, start: int, stop: int, gelu: bool = False) -> torch.Tensor:
+def linear_rows(layer: torch.nn.Module, x: torch.Tensor, start: int, stop: int, gelu: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Output features [start, stop) of a Linear layer (a row slice of its weight: no copy), optionally
-    through the tanh GELU fused as in `linear_gelu`."""
+    through the tanh GELU fused as in `linear_gelu`, or written into `out` (see `_linear_act`)."""
     w, b = _layer_weight(layer, x)
-    return _linear_act(x, w[start:stop], b[start:stop] if b is not None else None, gelu)
+    return _linear_act(x, w[start:stop], b[start:stop] if b is not None else None, gelu, out)
 
 
 def linear_cols(layer: torch.nn.Module, x: torch.Tensor, start: int, stop: int,

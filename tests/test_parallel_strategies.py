@@ -107,7 +107,7 @@ def test_n_ranks_give_the_one_rank_image(base_dir, tmp_path, models_dir, world, 
                 assert (diff > 0).mean() < 0.02
 
 
-def test_auto_plan_rules():
+def test_auto_plan_rules(monkeypatch):
     from comfy.taco_dit.core.config_manager import ConfigError, ParallelConfig
     from comfy.taco_dit.core.model_wrapper import plan_parallel
 
@@ -130,6 +130,15 @@ def test_auto_plan_rules():
     assert any("attention mask" in r for r in masked.reasons)
     with pytest.raises(ConfigError, match="attention mask"):
         plan(4, config={"ulysses_degree": 4}, sp_blocker="the conditioning carries an attention mask")
+    # 2 ranks of a model writing packed q/k/v (Flux): ring 2 gathering the keys in place, saying so; Ulysses 2
+    # for other models, with TACO_RING=rotate, or when 2 ranks are what is left after a CFG pair
+    two = plan(2, packed_qkv=True)
+    assert (two.dims.ulysses, two.dims.ring) == (1, 2) and any("gathered" in r for r in two.reasons)
+    assert (plan(2).dims.ulysses, plan(2).dims.ring) == (2, 1)
+    assert (plan(4, cfg_active=True, packed_qkv=True).dims.ulysses, plan(4, packed_qkv=True).dims.ulysses) == (2, 4)
+    monkeypatch.setenv("TACO_RING", "rotate")
+    assert plan(2, packed_qkv=True).dims.ulysses == 2
+    monkeypatch.delenv("TACO_RING")
     d = plan(5, heads=24).dims  # 5 does not divide 24 heads: ring takes it
     assert (d.ulysses, d.ring) == (1, 5)
     d = plan(6, heads=24).dims

@@ -25,8 +25,9 @@ def _inputs(seq: int, heads: int = 4, dim: int = 8, batch: int = 2):
     return q, k, v
 
 
-def _worker(rank, world, ulysses, ring, seq, pad, batch=2, chunks=1, packed=False):
+def _worker(rank, world, ulysses, ring, seq, pad, batch=2, chunks=1, packed=False, ring_mode="auto", calls=1):
     os.environ["TACO_ULYSSES_CHUNKS"] = str(chunks)
+    os.environ["TACO_RING"] = ring_mode
     dims = MeshDims(world_size=world, ulysses=ulysses, ring=ring)
     mesh = ParallelMesh(dims)
     q, k, v = _inputs(seq, batch=batch)
@@ -43,7 +44,8 @@ def _worker(rank, world, ulysses, ring, seq, pad, batch=2, chunks=1, packed=Fals
     if packed:  # q/k/v as views of one [B, S, 3, H, D] buffer, as the models' qkv_rope gives them
         buf = torch.stack([t.transpose(1, 2) for t in local], dim=2).contiguous()
         local = list(buf.permute(2, 0, 3, 1, 4).unbind(0))
-    out = usp_attention(*local, mesh.ulysses, mesh.ring, kv_keep_global=keep if pad else None)
+    for _ in range(calls):  # repeated calls alternate the gathered ring's two exchange buffers
+        out = usp_attention(*local, mesh.ulysses, mesh.ring, kv_keep_global=keep if pad else None)
     return idx, out
 
 
@@ -77,6 +79,32 @@ def test_ulysses_layouts_and_pipelining_match_full_attention(world, ulysses, rin
     results = run_on_ranks(world, _worker, ulysses, ring, seq, pad, batch, chunks, packed)
     out = torch.cat([o for _, o in sorted(results, key=lambda r: r[0])], dim=2)[:, :, :seq]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("world,ring,seq,pad,batch,packed,mode", [
+    (2, 2, 16, 0, 1, True, "gather"),   # Flux's case: k/v sent straight from the packed q/k/v buffer
+    (2, 2, 13, 3, 1, True, "gather"),   # padding keys left out of the gathered keys
+    (2, 2, 13, 3, 2, False, "gather"),
+    (4, 4, 29, 3, 1, True, "gather"),
+    (4, 4, 29, 3, 2, False, "rotate"),  # TACO_RING=rotate: blocks passed round, log-sum-exp merged
+])
+def test_ring_modes_match_full_attention(world, ring, seq, pad, batch, packed, mode):
+    q, k, v = _inputs(seq, batch=batch)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    results = run_on_ranks(world, _worker, 1, ring, seq, pad, batch, 1, packed, mode, 3)
+    out = torch.cat([o for _, o in sorted(results, key=lambda r: r[0])], dim=2)[:, :, :seq]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ring_mode_setting(monkeypatch):
+    from comfy.taco_dit.parallel.sp_attention import ring_mode
+
+    for value, want in (("", "gather"), ("auto", "gather"), ("gather", "gather"), ("rotate", "rotate")):
+        monkeypatch.setenv("TACO_RING", value)
+        assert ring_mode(2) == want
+    monkeypatch.setenv("TACO_RING", "spiral")
+    with pytest.raises(ValueError, match="TACO_RING=auto, gather or rotate"):
+        ring_mode(2)
 
 
 def _deferred_worker(rank, world, ulysses, ring, seq, pad, batch, chunks=1):
@@ -178,8 +206,9 @@ def test_ulysses_degree_must_divide_heads():
         usp_attention(q, q, q, One(), One())
 
 
-def _side_work_worker(rank, world):
-    dims = MeshDims(world_size=world, ulysses=world)
+def _side_work_worker(rank, world, ring=False):
+    os.environ["TACO_RING"] = "gather"
+    dims = MeshDims(world_size=world, ring=world) if ring else MeshDims(world_size=world, ulysses=world)
     mesh = ParallelMesh(dims)
     q, k, v = _inputs(16, batch=1)
     chunk = 16 // world
@@ -190,10 +219,11 @@ def _side_work_worker(rank, world):
     return rank, out, calls
 
 
-def test_side_work_runs_once_each_around_the_ulysses_exchanges():
+@pytest.mark.parametrize("ring", [False, True])
+def test_side_work_runs_once_each_around_the_exchanges(ring):
     q, k, v = _inputs(16, batch=1)
     ref = F.scaled_dot_product_attention(q, k, v)
-    results = sorted(run_on_ranks(2, _side_work_worker), key=lambda r: r[0])
+    results = sorted(run_on_ranks(2, _side_work_worker, ring), key=lambda r: r[0])
     torch.testing.assert_close(torch.cat([o for _, o, _ in results], dim=2), ref, atol=1e-5, rtol=1e-5)
     assert all(calls == ["before", "after"] for _, _, calls in results)
 
@@ -326,6 +356,88 @@ def test_arena_exchange_slices_and_pair_signals(monkeypatch):
     finally:
         for ex in (a0, a1, b2, second):
             exchange._live.remove(ex)
+
+
+def test_in_place_gather_sends_only_the_region_to_every_peer(monkeypatch):
+    """The gathered ring's in-place exchange: what this rank wrote into its own block stays where it is, the
+    region (k and v of packed q/k/v) lands in the same place of every peer's buffer, the rest of the peer's
+    block (q) is left alone, and waiting signals the other members only."""
+    from types import SimpleNamespace
+
+    from comfy.taco_dit.parallel import exchange
+
+    handle = _FakeWorldHandle(3, 4096)
+    device = torch.device("cpu")
+    exs = []
+    for me in range(3):
+        arena = object.__new__(exchange._Arena)
+        arena.nbytes, arena.handle, arena.used = 4096, handle, {}
+        monkeypatch.setitem(exchange._arenas, device, arena)
+        group = SimpleNamespace(size=3, ranks=[0, 1, 2], rank_in_group=me, _last_exchange=None, _exchanges={})
+        exs.append(exchange.ArenaExchange(group, (1, 2, 3, 2, 4), torch.float32, device, 0))  # [B, S, 3, H, D]
+    try:
+        for ex in exs:
+            ex.peers[ex.rank].fill_(-1.0)
+        own = exs[1].own_block()
+        assert own.data_ptr() == exs[1].peers[1][1].data_ptr()
+        own.copy_(torch.arange(own.numel(), dtype=torch.float32).view(own.shape))
+        pending = exs[1].start_gather(lambda block: block[:, :, 1:3])
+        for r in (0, 2):
+            got = exs[r].peers[r][1]  # rank r's buffer, block of rank 1
+            assert torch.equal(got[:, :, 1:3], own[:, :, 1:3])
+            assert bool((got[:, :, 0] == -1).all())
+        whole = pending.wait()
+        assert whole.data_ptr() == exs[1].peers[1].data_ptr() and torch.equal(whole[1], own)
+        assert sorted(handle.signals) == [("put", 0), ("put", 2), ("wait", 0), ("wait", 2)]
+    finally:
+        for ex in exs:
+            exchange._live.remove(ex)
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_gathered_ring_attends_from_q_k_v_written_in_place(monkeypatch, pad):
+    """ring_gathered's in-place path (what ring_qkv_supplier sets up on GPUs): q/k/v written by the model into
+    this rank's block of the exchange buffer are used where they lie, the peers' k/v arrive beside them, and
+    the attention over them (padding keys left out) is full attention. Two ranks simulated in one process
+    over the fake world memory: the rank that sends first is checked after the other has sent."""
+    from types import SimpleNamespace
+
+    from comfy.taco_dit.parallel import exchange
+    from comfy.taco_dit.parallel.sequence_parallel import TokenSplit, real_tokens, ring_blocks
+    from comfy.taco_dit.parallel.sp_attention import ring_gathered
+
+    heads, dim = 4, 8
+    real = 16 - pad  # 13 tokens: 7 per rank, the last one padding
+    q, k, v = _inputs(real, heads=heads, dim=dim, batch=1)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    split = TokenSplit(real, 2)
+    keep = ring_blocks(real_tokens(split), 2)
+    s = split.chunk
+    handle = _FakeWorldHandle(2, 8192)
+    key = ("ring_qkv0", (1, s, 3, heads, dim), torch.float32, torch.device("cpu"))
+    groups = []
+    for me in range(2):
+        arena = object.__new__(exchange._Arena)
+        arena.nbytes, arena.handle, arena.used = 8192, handle, {}
+        monkeypatch.setitem(exchange._arenas, torch.device("cpu"), arena)
+        group = SimpleNamespace(size=2, ranks=[0, 1], rank_in_group=me, _last_exchange=None, _exchanges={})
+        group._exchanges[key] = exchange.ArenaExchange(group, key[1], torch.float32, key[3], 0)
+        groups.append(group)
+    try:
+        for first in (0, 1):
+            for me in (1 - first, first):  # the other rank writes and sends first; `first` then attends
+                own = groups[me]._exchanges[key].own_block()
+                for i, t in enumerate((q, k, v)):
+                    local = split.local(t, me, 2)  # [1, H, s, D], zero-padded
+                    own[:, :, i].copy_(local.transpose(1, 2))
+                groups[me]._ring_kv_parity = 0
+                lq, lk, lv = own.permute(2, 0, 3, 1, 4).unbind(0)
+                out = ring_gathered(lq, lk, lv, groups[me], keep)
+            want = split.local(ref, first, 2)[:, :, : min(s, real - first * s)]
+            torch.testing.assert_close(out[:, :, : want.shape[2]], want, atol=1e-5, rtol=1e-5)
+    finally:
+        for g in groups:
+            exchange._live.remove(g._exchanges[key])
 
 
 def test_ring_blocks_find_the_real_keys_once_from_the_host_counts():

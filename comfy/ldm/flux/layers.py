@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comfy.ldm.modules.attention import optimized_attention
+from comfy.ldm.modules.attention import optimized_attention, qkv_buffer
 from comfy.ldm.modules.fused import layernorm_modulate, norm_rope
 from comfy.ops import linear_cols, linear_gelu, linear_rows
 
@@ -169,7 +169,7 @@ class DoubleStreamBlock(nn.Module):
         txt_len = txt.shape[1]
         b, joint = img.shape[0], txt_len + img.shape[1]
         heads, head_dim = self.num_heads, self.hidden_size // self.num_heads
-        qkv = torch.empty((b, joint, 3, heads, head_dim), dtype=img.dtype, device=img.device)
+        qkv = qkv_buffer(transformer_options, (b, joint, 3, heads, head_dim), img.dtype, img.device)
         txt_pe, img_pe = (pe[:, :, :txt_len], pe[:, :, txt_len:]) if pe is not None else (None, None)
         self.txt_attn.qkv_rope(_norm_modulate(self.txt_norm1, txt, txt_shift1, txt_scale1), txt_pe, qkv[:, :txt_len])
         self.img_attn.qkv_rope(_norm_modulate(self.img_norm1, img, img_shift1, img_scale1), img_pe, qkv[:, txt_len:])
@@ -216,7 +216,9 @@ class SingleStreamBlock(nn.Module):
         # into the GEMM; linear2 as two GEMMs over column slices, accumulated: no split, GELU or concat pass.
         # The MLP branch does not depend on the attention, so it goes to the attention as side work: under
         # sequence parallel it runs while the all-to-alls are in flight.
-        qkv = linear_rows(self.linear1, h, 0, 3 * hidden).view(b, length, 3, self.num_heads, -1)
+        qkv = qkv_buffer(transformer_options, (b, length, 3, self.num_heads, hidden // self.num_heads), h.dtype,
+                         h.device)
+        linear_rows(self.linear1, h, 0, 3 * hidden, out=qkv)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         norm_rope(q, self.norm.query_norm.scale, 1e-6, pe, out=q)  # in place: q/k/v stay packed
         norm_rope(k, self.norm.key_norm.scale, 1e-6, pe, out=k)

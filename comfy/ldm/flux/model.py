@@ -51,6 +51,9 @@ SEQUENCE_PARALLEL_PLAN = {
     "split": {"img": 1, "txt": 1, "pe": 2},
     "gather_before": "final",           # img tokens, dim 1
     "attention": "optimized_attention_override",
+    # the blocks write q/k/v into one packed buffer from `qkv_buffer` (attention.py): a ring of 2 ranks can
+    # gather the keys from where they were written
+    "packed_qkv": True,
 }
 
 

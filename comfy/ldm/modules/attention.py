@@ -16,6 +16,10 @@ Deferred inputs: `k` and `v` may be zero-argument callables that compute the ten
 passes its k and v projections so). Without an override, or with one that does not set
 ``override.accepts_deferred = True``, they are computed first, in order (k, then v); an override that
 accepts them may compute them later, e.g. while q is already being exchanged (sequence parallel).
+Where packed q/k/v go: a model that writes q, k and v into one packed ``[B, L, 3, H, D]`` buffer (Flux) asks
+``qkv_buffer(transformer_options, shape, dtype, device)`` for it. An override may supply that buffer through
+``transformer_options[QKV_BUFFER_KEY]`` (a callable taking shape, dtype and device, returning such a tensor
+or None): e.g. a slice of memory its peers read from, so the exchange needs no copy of this rank's part.
 Layouts: by default q/k/v are ``[B, L, H*D]`` and the result is ``[B, L, H*D]``. With
 ``skip_reshape=True`` inputs are already ``[B, H, L, D]`` (what the DiTs produce after qk-norm and RoPE);
 with ``skip_output_reshape=True`` the result stays ``[B, H, L, D]``.
@@ -35,6 +39,16 @@ OVERRIDE_KEY = "optimized_attention_override"
 # the token sequence across ranks (sequence parallel) has to leave such calls local, because every rank
 # holds all text keys. Models pass `cross_attention_options(transformer_options)` for those calls.
 CROSS_ATTENTION_KEY = "attention_is_cross"
+QKV_BUFFER_KEY = "packed_qkv_buffer"
+
+
+def qkv_buffer(transformer_options: dict | None, shape: tuple, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """A packed [B, L, 3, H, D] buffer for the next attention call's q, k and v: the override's (see the module
+    docstring), else a new one."""
+    supply = transformer_options.get(QKV_BUFFER_KEY) if transformer_options else None
+    buf = supply(tuple(shape), dtype, device) if supply is not None else None
+    return buf if buf is not None else torch.empty(shape, dtype=dtype, device=device)
 
 
 def cross_attention_options(transformer_options: dict | None) -> dict:

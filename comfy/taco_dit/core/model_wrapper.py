@@ -81,13 +81,19 @@ def _largest_divisor_dividing(n: int, heads: int | None) -> int:
 
 def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: int | None, sp_supported: bool,
                   model_name: str = "model", tokens: int | None = None, peer_access: bool = True,
-                  sp_blocker: str | None = None) -> Plan:
+                  sp_blocker: str | None = None, packed_qkv: bool = False) -> Plan:
     """Choose the degrees for one sampling run. Pure function of its inputs (tested without processes).
 
     `sp_blocker`: why this run's inputs rule sequence parallel out although the model has a plan (e.g. an
     attention mask in the conditioning): automatic choice falls back to data parallel / whole-image lockstep
-    saying so, and a configured sequence-parallel degree is refused with that reason."""
+    saying so, and a configured sequence-parallel degree is refused with that reason.
+
+    `packed_qkv`: the model writes q/k/v into one packed buffer the attention may supply (its plan says so:
+    Flux). On a job of exactly 2 ranks, automatic sequence parallel then takes ring 2 with the keys gathered
+    in place (sp_attention.ring_gathered) rather than Ulysses 2: Flux 1024² on 2 x H200, 69.85 against 71.95
+    ms per step (benchmarks/RESULTS.md). `TACO_RING=rotate` keeps Ulysses there."""
     from comfy.taco_dit.core.config_manager import AUTO, ConfigError
+    from comfy.taco_dit.parallel.sp_attention import ring_mode
 
     reasons: list[str] = []
     if world == 1 or config.enabled is False or (config.cfg_parallel is False and config.sequence_parallel is False):
@@ -143,9 +149,15 @@ def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: in
             # without GPU peer access all-to-all crawls through host memory; ring overlaps its transfers
             u = 1
             reasons.append("GPUs without peer access: ring attention")
-        r = rest // u
-        reasons.append(f"sequence parallel over {rest} ranks for {tokens or '?'} tokens: ulysses {u}"
-                       + (f" (largest degree dividing {heads} heads)" if heads else "") + f" x ring {r}")
+        if world == rest == 2 and packed_qkv and peer_access and ring_mode(2) == "gather":
+            u, r = 1, 2
+            reasons.append(f"sequence parallel over 2 ranks for {tokens or '?'} tokens: ring 2 with the keys "
+                           "gathered where the model wrote its packed q/k/v (one exchange per layer; measured "
+                           "faster than ulysses 2)")
+        else:
+            r = rest // u
+            reasons.append(f"sequence parallel over {rest} ranks for {tokens or '?'} tokens: ulysses {u}"
+                           + (f" (largest degree dividing {heads} heads)" if heads else "") + f" x ring {r}")
     else:
         u = r = 1
         dp = rest
@@ -211,6 +223,7 @@ def prepare_for_sampling(patcher, cfg_scale: float, noise_shape, has_negative: b
     plan = plan_parallel(config, world=world, cfg_active=cfg_active, batch=int(noise_shape[0]),
                          heads=getattr(dm, "num_heads", None), sp_supported=supports_sequence_parallel(dm),
                          model_name=type(dm).__name__, tokens=tokens, peer_access=_peer_access(),
+                         packed_qkv=bool(getattr(dm, "SEQUENCE_PARALLEL_PLAN", {}).get("packed_qkv")),
                          sp_blocker="the conditioning carries an attention mask (e.g. StyleModelApply attn_bias), "
                                     "which sequence-parallel attention cannot apply" if attention_mask else None)
     _runtime["last_plan"] = plan  # what the last sampling run used (console timing, tests)

@@ -299,6 +299,46 @@ class SymmetricExchange:
         return Pending(recv, streams=streams, barrier=self._barrier, keep=src)
 
 
+    def own_block(self) -> torch.Tensor:
+        """This rank's block of its own receive buffer. A sender that writes its data here first (e.g. a model
+        computing its q/k/v straight into it) gathers with `start_gather`, with no copy of its own part."""
+        return self.peers[self.rank][self.rank]
+
+    def start_gather(self, region=None) -> Pending:
+        """All-gather in place: `region(block)` (a view; default the whole block) of `own_block()`, already
+        written, goes into the same region of this rank's block of every peer's buffer, by copy engine (one
+        memcpy, 2-D where the region is pitched, per peer, each on its own side stream). `wait()` gives the
+        whole `[P, *block]` buffer: block r from group rank r (this rank's own where it wrote it)."""
+        if self.group._last_exchange is self:
+            self._barrier()  # reuse rule (module docstring)
+        self.group._last_exchange = self
+        region = region or (lambda block: block)
+        src = region(self.own_block())
+        shape = pitched_rows(src)
+        copy2d = _memcpy2d() if shape is not None else None
+        main = torch.cuda.current_stream(src.device) if src.is_cuda else None
+        streams = []
+        for lane, r in enumerate(r for r in range(self.group.size) if r != self.rank):
+            dst = region(self.peers[r][self.rank])
+            if main is None:  # host memory (tests): a plain copy
+                dst.copy_(src)
+                continue
+            side = _side_stream(src.device, lane)
+            side.wait_stream(main)
+            if copy2d is None:
+                with torch.cuda.stream(side):
+                    dst.copy_(src)  # contiguous: a memcpy on a copy engine
+            else:
+                rows, width, pitch = shape
+                size = src.element_size()
+                err = copy2d(dst.data_ptr(), pitch * size, src.data_ptr(), pitch * size, width * size, rows, 3,
+                             side.cuda_stream)  # 3: cudaMemcpyDeviceToDevice
+                if err:
+                    raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}; set TACO_CE_2D=0")
+            streams.append(side)
+        return Pending(self.peers[self.rank], streams=streams, barrier=self._barrier)
+
+
 class ArenaFull(RuntimeError):
     """The world's symmetric arena has no room left for this group's exchange (the caller uses NCCL's)."""
 

@@ -22,9 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from comfy.ldm.modules.attention import CROSS_ATTENTION_KEY, OVERRIDE_KEY, materialize, run_side_work
+from comfy.ldm.modules.attention import (
+    CROSS_ATTENTION_KEY,
+    OVERRIDE_KEY,
+    QKV_BUFFER_KEY,
+    materialize,
+    run_side_work,
+)
 from comfy.taco_dit.parallel.mesh import GroupHandle, ParallelMesh
-from comfy.taco_dit.parallel.sp_attention import usp_attention
+from comfy.taco_dit.parallel.sp_attention import ring_mode, ring_qkv_supplier, usp_attention
 
 
 @dataclass
@@ -137,6 +143,14 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
     return override
 
 
+def install_attention(opts: dict, mesh: ParallelMesh, kv_keep) -> None:
+    """Put the sequence-parallel attention into a forward's transformer options: the override, and under the
+    gathered ring (no Ulysses) the supplier of packed q/k/v buffers its exchange sends from in place."""
+    opts[OVERRIDE_KEY] = make_attention_override(mesh, kv_keep)
+    if mesh.ulysses.size == 1 and mesh.ring.size > 1 and ring_mode(mesh.ring.size) == "gather":
+        opts[QKV_BUFFER_KEY] = ring_qkv_supplier(mesh.ring)
+
+
 def _split_control(control, split: TokenSplit, rank: int):
     """ControlNet residuals ({"input": [...], "output": [...]}, each [B, n, C] over the first n image
     tokens) cut like the image tokens: zero-extended to the whole image stream, then this rank's chunk."""
@@ -167,7 +181,7 @@ def flux_forward_orig(mesh: ParallelMesh):
         img_l = s_img.local(img, r, 1)
         txt_l = s_txt.local(txt, r, 1)
         pe_l = torch.cat((s_txt.local(pe[:, :, :txt_len], r, 2), s_img.local(pe[:, :, txt_len:], r, 2)), dim=2)
-        opts[OVERRIDE_KEY] = make_attention_override(mesh, real_tokens(s_txt, s_img, device=img.device))
+        install_attention(opts, mesh, real_tokens(s_txt, s_img, device=img.device))
         control = _split_control(control, s_img, r)
         img_l, txt_l = model.run_double_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts, control)
         img_l = model.run_single_blocks(img_l, txt_l, vec, pe_l, attn_mask, opts, control)
@@ -193,7 +207,7 @@ def wan_forward_orig(mesh: ParallelMesh):
         r = sp.rank_in_group
         tokens_l = split.local(tokens, r, 1)
         freqs_l = split.local(freqs, r, 1)
-        opts[OVERRIDE_KEY] = make_attention_override(mesh, real_tokens(split, device=x.device))
+        install_attention(opts, mesh, real_tokens(split, device=x.device))
         if e0.ndim == 4 and e0.shape[1] > 1:
             # one time modulation per latent frame (Wan 2.2 TI2V): a rank's chunk need not start or end on
             # a frame, so each local token takes its frame's row (padding tokens read frame 0's)
@@ -225,7 +239,7 @@ def mmdit_forward_orig(mesh: ParallelMesh):
             s_txt = TokenSplit(context.shape[1], sp.size)
             ctx_l = s_txt.local(context, r, 1)
             keep[s_txt.chunk + s_img.chunk] = real_tokens(s_txt, s_img, device=x.device)
-        opts[OVERRIDE_KEY] = make_attention_override(mesh, keep)
+        install_attention(opts, mesh, keep)
         if isinstance(control, dict) and control.get("output") is not None:
             control = dict(control)
             control["output"] = [None if t is None else s_img.local(t, r, 1) for t in control["output"]]
@@ -242,7 +256,7 @@ def _run_split(mesh: ParallelMesh, model, x, run, transformer_options):
     r = sp.rank_in_group
     split = TokenSplit(x.shape[1], sp.size)
     opts = dict(transformer_options or {})
-    opts[OVERRIDE_KEY] = make_attention_override(mesh, real_tokens(split, device=x.device))
+    install_attention(opts, mesh, real_tokens(split, device=x.device))
     return gather_tokens(run(split.local(x, r, 1), split, r, opts), sp, split, dim=1)
 
 

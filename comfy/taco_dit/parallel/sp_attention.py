@@ -1,5 +1,6 @@
-"""Sequence-parallel attention: Ulysses (all-to-all over heads), Ring (rotating K/V blocks with
-log-sum-exp merging) and their product USP, on plain torch.distributed.
+"""Sequence-parallel attention: Ulysses (all-to-all over heads), Ring (every rank's K/V gathered in one
+exchange, or K/V blocks rotated with log-sum-exp merging: `ring_mode`) and their product USP (rotating), on
+plain torch.distributed.
 
 Tensors are `[B, H, S_local, D]` (SDPA layout). Every rank of the sequence group holds one chunk of the
 sequence; the result for its own queries comes back in the same layout. Padding added to make chunks
@@ -72,6 +73,76 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Gro
         if nxt is not None:
             kv = nxt
     return out.to(q.dtype)
+
+
+def ring_mode(ring_size: int) -> str:
+    """How a Ring group (with no Ulysses inside it) attends: "gather" (every rank gets every rank's k/v in one
+    exchange, then one attention over all keys) or "rotate" (k/v blocks passed round the ring, one attention
+    per block, merged by log-sum-exp). `TACO_RING=auto|gather|rotate`; auto gathers: one exchange and one
+    attention call per layer, no merge passes, and the side work of the block hides the exchange."""
+    want = os.environ.get("TACO_RING", "auto").strip().lower() or "auto"
+    if want not in ("auto", "gather", "rotate"):
+        raise ValueError(f"TACO_RING={want!r} is not a ring mode; use TACO_RING=auto, gather or rotate")
+    return "rotate" if want == "rotate" else "gather"
+
+
+def ring_qkv_supplier(ring: GroupHandle):
+    """For `transformer_options[QKV_BUFFER_KEY]` (attention.py): under the gathered ring, a model writing packed
+    q/k/v ([1, S, 3, H, D], batch 1) writes them straight into its own block of the next exchange's symmetric
+    buffer, so only k and v are copied, to the peers, and this rank's part is never copied at all (it was a
+    40 µs 2-D copy on the SMs per layer at Flux 1024² on 2 GPUs, call s31). None where that exchange does
+    not go through symmetric memory: the model then allocates as usual."""
+
+    def supply(shape: tuple, dtype: torch.dtype, device: torch.device):
+        if device.type != "cuda" or shape[0] != 1 or len(shape) != 5 or shape[2] != 3:
+            return None
+        parity = getattr(ring, "_ring_kv_parity", 0)
+        ex = ring.exchange(f"ring_qkv{parity}", shape, dtype, device, measured=whole_host(ring),
+                           arena=not whole_host(ring))
+        return ex.own_block() if hasattr(ex, "own_block") else None
+
+    return supply
+
+
+def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work=None) -> torch.Tensor:
+    """Ring attention with the keys gathered: this rank's k and v go to every rank of `ring` in one exchange
+    while `side_work` runs; then one attention of the local queries over every rank's keys, in rank order.
+    `keep`: the real keys' indices per rank block (sequence_parallel.ring_blocks), None where all are real.
+
+    Where q/k/v were written into this rank's block of a symmetric buffer (`ring_qkv_supplier`), k and v go
+    from there to the same place in the peers' buffers and nothing else moves. Otherwise k and v ([B, S, 2, H,
+    D] per rank, a 2-D pitched region of packed q/k/v, sent without a copy) go by `GroupHandle.exchange`.
+    Two exchange buffers alternate from call to call: a peer writes the next layer's k/v into the other one,
+    so it never overwrites keys this rank's attention may still be reading (exchange.py, reuse rule)."""
+    p = ring.size
+    k, v = materialize(k), materialize(v)
+    b, h, s, d = q.shape
+    packed = _packed(q, k, v)
+    parity = getattr(ring, "_ring_kv_parity", 0)
+    ring._ring_kv_parity = parity ^ 1
+    in_place = None
+    if packed is not None and b == 1:
+        in_place = ring._exchanges.get((f"ring_qkv{parity}", tuple(packed.shape), packed.dtype, packed.device))
+        if not (hasattr(in_place, "own_block") and in_place.own_block().data_ptr() == packed.data_ptr()):
+            in_place = None
+    if in_place is not None:
+        pending = in_place.start_gather(lambda block: block[:, :, 1:3])
+        cols = 3
+    else:
+        kv = packed[:, :, 1:3] if packed is not None else torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=2)
+        ex = ring.exchange(f"ring_kv{parity}", (b, s, 2, h, d), kv.dtype, kv.device,
+                           measured=b == 1 and whole_host(ring), arena=not whole_host(ring))
+        pending = ex.start(kv.unsqueeze(0).expand(p, *kv.shape), background=bool(side_work) and b == 1)
+        cols = 2
+    run_side_work([step for part in _split_side_work(side_work) for step in part])
+    recv = pending.wait()  # [P, B, S, cols, H, D], rank r's block r
+    full = recv.view(1, p * s, cols, h, d) if b == 1 else recv.transpose(0, 1).reshape(b, p * s, cols, h, d)
+    k_all, v_all = full[:, :, cols - 2:].permute(2, 0, 3, 1, 4).unbind(0)
+    if keep is not None and any(idx is not None for idx in keep):
+        every = torch.arange(s, device=q.device)
+        idx = torch.cat([(every if blk is None else blk) + r * s for r, blk in enumerate(keep)])
+        k_all, v_all = k_all.index_select(2, idx), v_all.index_select(2, idx)
+    return sdpa(q, k_all, v_all)
 
 
 def _seq_to_heads(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
@@ -278,6 +349,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Gr
         k, v = materialize(k), materialize(v)
     if ulysses.size > 1 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
         return _ulysses_attention(q, k, v, ulysses, ring, keep, side_work)
+    if ulysses.size == 1 and ring.size > 1 and ring_mode(ring.size) == "gather":
+        return ring_gathered(q, k, v, ring, keep, side_work)
     run_side_work(side_work)
     if ulysses.size == 1:
         return ring_attention(q, k, v, ring, keep)
