@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -512,6 +512,18 @@ if [ "$what" = s33 ]; then
   fork_ngpu 2 | f33
   timeout 110 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --tag u2 --config u2 \
     --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1 | f33
+fi
+if [ "$what" = s34 ]; then
+  # seventh session, on 2 GPUs: Flux steps at 1024² and 2048², 1 GPU, then ring 2 (gathered in place, the automatic
+  # choice on 2 ranks) against Ulysses 2; then ring 2 at 1024² with each peer copy split over two copy-engine
+  # streams (TACO_GATHER_LANES=2; no gain, so the split was removed after this call); CUDA graphs
+  f34() { grep -E '^\{|Error|error:|Traceback' | grep -v Warning; }
+  CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph \
+    --out "$OUT/step.jsonl" 2>&1 | f34
+  timeout 200 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --configs r2 u2 \
+    --out "$OUT/step_2gpu.jsonl" 2>&1 | f34
+  TACO_GATHER_LANES=2 timeout 120 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+    --configs r2 --out "$OUT/step_2gpu_lanes2.jsonl" 2>&1 | f34
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
