@@ -108,6 +108,37 @@ def test_split_decode_matches_one_rank(world):
         assert bf16["err"] <= 1.05 * bf16["plain_err"], bf16
 
 
+def _statistics_pass_decode(rank: int, world: int) -> dict:
+    from comfy.ldm.models import autoencoder
+    from comfy.taco_dit.parallel import vae_parallel
+
+    # the GPU path (fp16/bf16 on CUDA) taken here on CPU in fp32, by both the split and the one-rank decode
+    autoencoder.statistics_pass_applies = lambda x: True
+    calls = []
+    sums = autoencoder.group_sums
+    autoencoder.group_sums = lambda x, groups: calls.append(x.shape) or sums(x, groups)
+    model = _model(16, False)
+    latent = torch.randn(*CASES[0][2], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.decode(latent)
+    vae_parallel.last_decode.clear()
+    calls.clear()
+    got = vae_parallel.decode(model, latent, vae_parallel.world_group())
+    return dict(diff=(got - want).abs().max().item(), sums_calls=len(calls),
+                collectives=dict(vae_parallel.last_decode.get("collectives", {})))
+
+
+@pytest.mark.slow
+def test_split_decode_with_the_statistics_pass_matches_one_rank():
+    """Where one GPU's decode takes the GroupNorm statistics pass, the split decode takes it too: each rank's
+    fp32 sums and sums of squares, gathered once per GroupNorm and added, give one rank's decode (to fp32
+    summation order, FP32_TOL), with the same collectives as the merged-moments path."""
+    for r in run_on_ranks(2, _statistics_pass_decode):
+        assert r["sums_calls"] == 2 * RESNETS + 2  # every GroupNorm of the split decode took the pass
+        assert r["collectives"] == {"halo_exchange": 2 * RESNETS + UPSAMPLES + 1, "all_gather": 2 * RESNETS + 4}
+        assert r["diff"] <= FP32_TOL, r["diff"]
+
+
 def _row_split_rules():
     from comfy.taco_dit.parallel.vae_parallel import RowSplit
 

@@ -33,13 +33,19 @@ def fast_group_norm_enabled() -> bool:
     return os.environ.get("TACO_VAE_FAST_GN", "1") != "0"
 
 
+def statistics_pass_applies(x: torch.Tensor) -> bool:
+    """Whether GroupNorm of `x` takes the statistics pass (`group_norm_act`): fp16/bf16 CUDA tensors, unless
+    `TACO_VAE_FAST_GN=0`. The row-split decode (comfy/taco_dit/parallel/vae_parallel.py) asks the same."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and fast_group_norm_enabled()
+
+
 def group_norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
-    """silu(norm(x)) (or norm(x)). With `fast_group_norm_enabled()`, for fp16/bf16 CUDA tensors, the
-    per-(sample, group) mean and mean square come from two reductions accumulated in fp32 over all of the
-    GPU (no fp32 copy of x), and the normalisation, affine and SiLU run in fp32 with one cast back; the
-    variance is E[x²] - E[x]², so it agrees with torch's GroupNorm to fp32 rounding for activations whose
-    mean is not many times their spread. Everywhere else: torch's GroupNorm (and SiLU)."""
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and fast_group_norm_enabled():
+    """silu(norm(x)) (or norm(x)). With `statistics_pass_applies(x)`, the per-(sample, group) mean and mean
+    square come from two reductions accumulated in fp32 over all of the GPU (no fp32 copy of x), and the
+    normalisation, affine and SiLU run in fp32 with one cast back; the variance is E[x²] - E[x]², so it
+    agrees with torch's GroupNorm to fp32 rounding for activations whose mean is not many times their
+    spread. Everywhere else: torch's GroupNorm (and SiLU)."""
+    if statistics_pass_applies(x):
         return _stats_norm_act(norm, x, silu)
     return _torch_norm_act(norm, x, silu)
 
@@ -49,13 +55,20 @@ def _torch_norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Te
     return F.silu(y) if silu else y
 
 
-def _stats_norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+def group_sums(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, group) sum and sum of squares of `x` [B, C, ...], each [B, G] in fp32: two reductions
+    accumulated in fp32 (no fp32 copy of x)."""
+    xv = x.reshape(x.shape[0], groups, -1)
+    return (xv.sum(-1, dtype=torch.float32),
+            torch.linalg.vector_norm(xv, 2, dim=-1, dtype=torch.float32).square())
+
+
+def norm_act_from_stats(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, mean_sq: torch.Tensor,
+                        silu: bool) -> torch.Tensor:
+    """silu(norm(x)) (or norm(x)) from the per-(sample, group) mean and mean square ([B, G], fp32):
+    normalisation, affine and SiLU in fp32, one cast back to x's dtype."""
     b, c = x.shape[:2]
     groups = norm.num_groups
-    xv = x.reshape(b, groups, -1)
-    n = xv.shape[-1]
-    mean = xv.sum(-1, dtype=torch.float32) / n
-    mean_sq = torch.linalg.vector_norm(xv, 2, dim=-1, dtype=torch.float32).square() / n
     rstd = torch.rsqrt((mean_sq - mean.square()).clamp_min(0) + norm.eps)  # [B, G]
     scale = rstd.repeat_interleave(c // groups, dim=1)  # [B, C]
     shift = -mean.repeat_interleave(c // groups, dim=1) * scale
@@ -65,6 +78,12 @@ def _stats_norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Te
     view = (b, c) + (1,) * (x.dim() - 2)
     y = torch.addcmul(shift.view(view), x, scale.view(view))  # fp32
     return (F.silu(y, inplace=True) if silu else y).to(x.dtype)
+
+
+def _stats_norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    total, total_sq = group_sums(x, norm.num_groups)
+    n = x[0].numel() // norm.num_groups
+    return norm_act_from_stats(norm, x, total / n, total_sq / n, silu)
 
 
 class ResnetBlock(nn.Module):

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from comfy.ldm.models import autoencoder
 from comfy.taco_dit.parallel.mesh import GroupHandle
 
 log = logging.getLogger(__name__)
@@ -203,10 +204,17 @@ def _conv3x3(rows: _Rows, x: torch.Tensor, conv, halo: _Halo, widen: bool = Fals
 
 
 def _group_norm(rows: _Rows, x: torch.Tensor, norm, silu: bool) -> torch.Tensor:
-    """GroupNorm with the whole image's statistics (fp32, merged exactly across ranks), then SiLU."""
+    """GroupNorm with the whole image's statistics (fp32, merged exactly across ranks), then SiLU. Where one
+    GPU's decode takes the statistics pass (autoencoder.statistics_pass_applies: fp16/bf16 on CUDA), so does
+    this: each rank's fp32 sums and sums of squares, gathered and added, with the pass's own normalisation
+    (torch's var_mean over an fp32 copy, below, reduces each (sample, group) on a few thread blocks)."""
     b, c, h, w = x.shape
     groups = norm.num_groups
     per = c // groups
+    if autoencoder.statistics_pass_applies(x):
+        sums = rows.gather_stats(torch.stack(autoencoder.group_sums(x, groups))).sum(0)  # [2, B, G]
+        n = float(per * rows.split.rows * w)
+        return autoencoder.norm_act_from_stats(norm, x, sums[0] / n, sums[1] / n, silu)
     acc = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics for bf16/fp16/fp32 activations
     x32 = x.to(acc)
     var, mean = torch.var_mean(x32.reshape(b, groups, -1), dim=-1, correction=0)
