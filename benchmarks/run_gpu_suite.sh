@@ -23,6 +23,15 @@ fork_1gpu() { CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e
   --tag 1gpu --out "$OUT/e2e.jsonl" 2>&1; }
 fork_ngpu() { timeout "${2:-110}" torchrun --nproc_per_node="$1" benchmarks/bench_fork_e2e.py --size 1024 --steps 20 \
   --tag "auto$1" --reference /tmp/taco-bench/1gpu-rank0/output/bench_00002_.png --out "$OUT/e2e.jsonl" 2>&1; }
+fj() { grep -E '^\{|Error|error:|Traceback' | grep -v Warning; }
+# seventh session: the 1-GPU Flux 1024² step on GPU 2 (in the background: `wait` for it) beside a 2-GPU run of the
+# configurations given on GPUs 0-1
+flux_1024_beside_2gpu() {
+  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | fj ) &
+  CUDA_VISIBLE_DEVICES=0,1 timeout 220 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+    --configs "$@" --out "$OUT/step_2gpu.jsonl" 2>&1 | fj
+}
 if [ "$what" = speed ]; then
   ( CUDA_VISIBLE_DEVICES=0 python3 benchmarks/probe_attention.py --out "$OUT/attention.jsonl" 2>&1 | filter
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --attention sdpa cudnn \
@@ -476,13 +485,9 @@ fi
 if [ "$what" = s30 ]; then
   # seventh session: Flux 1024² on 2 GPUs, Ring 2 with the keys gathered in one exchange (sp_attention.ring_gathered)
   # against Ulysses 2, CUDA graphs; NCCL and symmetric memory (copy engines); the 1-GPU baseline beside them on GPU 2
-  f30() { grep -E '^\{|Error|error:|Traceback' | grep -v Warning; }
-  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | f30 ) &
-  CUDA_VISIBLE_DEVICES=0,1 timeout 220 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-    --configs u2 r2 --out "$OUT/step_2gpu.jsonl" 2>&1 | f30
+  flux_1024_beside_2gpu u2 r2
   CUDA_VISIBLE_DEVICES=0,1 TACO_A2A=symm timeout 160 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py \
-    --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_symm.jsonl" 2>&1 | f30
+    --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_symm.jsonl" 2>&1 | fj
   wait
 fi
 if [ "$what" = s31 ]; then
@@ -497,11 +502,7 @@ if [ "$what" = s31 ]; then
 fi
 if [ "$what" = s32 ]; then
   # seventh session: as s30 with the gathered ring's q/k/v written in place (automatic transport: symmetric memory)
-  f32() { grep -E '^\{|Error|error:|Traceback' | grep -v Warning; }
-  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | f32 ) &
-  CUDA_VISIBLE_DEVICES=0,1 timeout 220 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-    --configs r2 u2 --out "$OUT/step_2gpu.jsonl" 2>&1 | f32
+  flux_1024_beside_2gpu r2 u2
   wait
 fi
 if [ "$what" = s33 ]; then
@@ -541,6 +542,7 @@ fi
 if [ "$what" = s36 ]; then
   # seventh session: the full fork path, Flux 1024² 20 steps, 1 GPU then 4 GPUs (automatic: Ulysses 4 + graph), with
   # this session's model code (packed q/k/v from attention.qkv_buffer, linear1's q/k/v written by addmm out=)
+  # (rerun it to measure the row-split VAE decode with the GroupNorm statistics pass, landed after the call)
   f36() { grep -E '^\{|Error|error:|refused|Sampling:|TACO-DiT plan|Traceback' | grep -v Warning; }
   fork_1gpu | f36
   fork_ngpu 4 | f36

@@ -16,7 +16,9 @@ What the decoder needs from outside a rank's rows, and how it gets it:
 - GroupNorm(32): statistics over the whole image. Each rank computes, in fp32, its per-(sample, group)
   mean and centred sum of squares; one all-gather brings every rank's pair, and the pairs are merged
   exactly (Chan et al.: M2 = sum M2_i + sum n_i (mean_i - mean)^2), so no sum of squares is formed
-  around zero. The affine and SiLU then run locally.
+  around zero. The affine and SiLU then run locally. Where one GPU's decode takes the GroupNorm statistics
+  pass (fp16/bf16 on CUDA, comfy/ldm/models/autoencoder.py), the ranks gather fp32 sums and sums of squares
+  instead and normalise as that pass does, so N GPUs use the same maths as one.
 - The mid-block attention (one head over all pixels): local queries against the keys and values of
   all ranks, gathered in one all-gather (keys and values stacked, rows in image order).
 - Nearest upsampling, 1x1 convolutions and the residual adds are local.
