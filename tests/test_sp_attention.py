@@ -101,10 +101,10 @@ def test_ring_mode_setting(monkeypatch):
 
     for value, want in (("", "gather"), ("auto", "gather"), ("gather", "gather"), ("rotate", "rotate")):
         monkeypatch.setenv("TACO_RING", value)
-        assert ring_mode(2) == want
+        assert ring_mode() == want
     monkeypatch.setenv("TACO_RING", "spiral")
     with pytest.raises(ValueError, match="TACO_RING=auto, gather or rotate"):
-        ring_mode(2)
+        ring_mode()
 
 
 def _deferred_worker(rank, world, ulysses, ring, seq, pad, batch, chunks=1):
@@ -526,3 +526,33 @@ def test_pitched_rows_finds_the_2d_regions_copied_by_one_memcpy():
     assert pitched_rows(torch.zeros(4, 6, 2)[::2, :3]) == (2, 6, 24)
     assert pitched_rows(torch.zeros(6, 4).t()) is None  # no contiguous run
     assert pitched_rows(torch.zeros(3, 4, 6)[:, :2, :2]) is None  # rows 6 apart in pairs 24 apart: not one pitch
+
+
+def test_copy2d_moves_the_pitched_region_in_bytes():
+    """`exchange._copy2d` hands cudaMemcpy2DAsync byte pitches and widths: here a stand-in that does the copy
+    on host memory, as the CUDA runtime does it, must move exactly the strided region (k and v of packed q/k/v
+    into the same place of another buffer, and one destination's heads into a contiguous block)."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from comfy.taco_dit.parallel.exchange import _copy2d, pitched_rows
+
+    def memcpy2d(dst, dpitch, src, spitch, width, height, kind, stream):
+        assert kind == 3 and stream == 7
+        for i in range(height):
+            ctypes.memmove(dst + i * dpitch, src + i * spitch, width)
+        return 0
+
+    stream = SimpleNamespace(cuda_stream=7)
+    packed = torch.arange(5 * 3 * 4 * 2, dtype=torch.float32).view(5, 3, 4, 2)  # [S, 3, H, D]
+    target = torch.zeros_like(packed)
+    rows, width, pitch = pitched_rows(packed[:, 1:3])
+    _copy2d(memcpy2d, stream, target[:, 1:3], pitch, packed[:, 1:3], pitch, width, rows)
+    assert torch.equal(target[:, 1:3], packed[:, 1:3]) and not target[:, 0].any()
+    heads = packed[:, :, 2:4]  # one destination's heads: a pitched region
+    block = torch.zeros(heads.shape)
+    rows, width, pitch = pitched_rows(heads)
+    _copy2d(memcpy2d, stream, block, width, heads, pitch, width, rows)
+    assert torch.equal(block, heads)
+    with pytest.raises(RuntimeError, match="CUDA error 1; set TACO_CE_2D=0"):
+        _copy2d(lambda *a: 1, stream, block, width, heads, pitch, width, rows)

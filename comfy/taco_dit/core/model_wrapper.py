@@ -149,7 +149,7 @@ def plan_parallel(config, *, world: int, cfg_active: bool, batch: int, heads: in
             # without GPU peer access all-to-all crawls through host memory; ring overlaps its transfers
             u = 1
             reasons.append("GPUs without peer access: ring attention")
-        if world == rest == 2 and packed_qkv and peer_access and ring_mode(2) == "gather":
+        if world == rest == 2 and packed_qkv and peer_access and ring_mode() == "gather":
             u, r = 1, 2
             reasons.append(f"sequence parallel over 2 ranks for {tokens or '?'} tokens: ring 2 with the keys "
                            "gathered where the model wrote its packed q/k/v (one exchange per layer; measured "

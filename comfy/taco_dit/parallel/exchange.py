@@ -187,6 +187,17 @@ def pitched_rows(t: torch.Tensor) -> tuple[int, int, int] | None:
     return rows, width, pitch
 
 
+def _copy2d(memcpy2d, stream, dst: torch.Tensor, dst_pitch: int, src: torch.Tensor, src_pitch: int, width: int,
+            rows: int) -> None:
+    """`rows` runs of `width` elements from `src` (runs `src_pitch` apart) to `dst` (`dst_pitch` apart), one
+    cudaMemcpy2DAsync (`_memcpy2d()`) on `stream`: carried by a copy engine. Sizes in elements."""
+    size = src.element_size()
+    err = memcpy2d(dst.data_ptr(), dst_pitch * size, src.data_ptr(), src_pitch * size, width * size, rows, 3,
+                   stream.cuda_stream)  # 3: cudaMemcpyDeviceToDevice
+    if err:
+        raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}; set TACO_CE_2D=0")
+
+
 _side_streams: dict = {}
 
 
@@ -290,14 +301,9 @@ class SymmetricExchange:
                     targets[r].copy_(src[r])  # contiguous: a memcpy, carried by a copy engine
             else:
                 rows, width, pitch = shape
-                size = src.element_size()
-                err = pitched(targets[r].data_ptr(), width * size, src[r].data_ptr(), pitch * size, width * size,
-                              rows, 3, side.cuda_stream)  # 3: cudaMemcpyDeviceToDevice
-                if err:
-                    raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}; set TACO_CE_2D=0")
+                _copy2d(pitched, side, targets[r], width, src[r], pitch, width, rows)
             streams.append(side)
         return Pending(recv, streams=streams, barrier=self._barrier, keep=src)
-
 
     def own_block(self) -> torch.Tensor:
         """This rank's block of its own receive buffer. A sender that writes its data here first (e.g. a model
@@ -331,11 +337,7 @@ class SymmetricExchange:
                     dst.copy_(src)  # contiguous: a memcpy on a copy engine
             else:
                 rows, width, pitch = shape
-                size = src.element_size()
-                err = copy2d(dst.data_ptr(), pitch * size, src.data_ptr(), pitch * size, width * size, rows, 3,
-                             side.cuda_stream)  # 3: cudaMemcpyDeviceToDevice
-                if err:
-                    raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}; set TACO_CE_2D=0")
+                _copy2d(copy2d, side, dst, pitch, src, pitch, width, rows)
             streams.append(side)
         return Pending(self.peers[self.rank], streams=streams, barrier=self._barrier)
 

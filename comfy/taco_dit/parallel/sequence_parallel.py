@@ -147,7 +147,7 @@ def install_attention(opts: dict, mesh: ParallelMesh, kv_keep) -> None:
     """Put the sequence-parallel attention into a forward's transformer options: the override, and under the
     gathered ring (no Ulysses) the supplier of packed q/k/v buffers its exchange sends from in place."""
     opts[OVERRIDE_KEY] = make_attention_override(mesh, kv_keep)
-    if mesh.ulysses.size == 1 and mesh.ring.size > 1 and ring_mode(mesh.ring.size) == "gather":
+    if mesh.ulysses.size == 1 and mesh.ring.size > 1 and ring_mode() == "gather":
         opts[QKV_BUFFER_KEY] = ring_qkv_supplier(mesh.ring)
 
 

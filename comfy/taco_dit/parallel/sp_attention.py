@@ -75,7 +75,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Gro
     return out.to(q.dtype)
 
 
-def ring_mode(ring_size: int) -> str:
+def ring_mode() -> str:
     """How a Ring group (with no Ulysses inside it) attends: "gather" (every rank gets every rank's k/v in one
     exchange, then one attention over all keys) or "rotate" (k/v blocks passed round the ring, one attention
     per block, merged by log-sum-exp). `TACO_RING=auto|gather|rotate`; auto gathers: one exchange and one
@@ -349,7 +349,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Gr
         k, v = materialize(k), materialize(v)
     if ulysses.size > 1 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
         return _ulysses_attention(q, k, v, ulysses, ring, keep, side_work)
-    if ulysses.size == 1 and ring.size > 1 and ring_mode(ring.size) == "gather":
+    if ulysses.size == 1 and ring.size > 1 and ring_mode() == "gather":
         return ring_gathered(q, k, v, ring, keep, side_work)
     run_side_work(side_work)
     if ulysses.size == 1:
