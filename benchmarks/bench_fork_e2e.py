@@ -259,6 +259,23 @@ def main() -> None:
     timed(comfy.vae.VAE, "decode", "vae_decode_s")
     timed(nodes.SaveImage, "save_images", "save_image_s")
 
+    # the phase before the first step, split (host clock, no synchronisation): execute() start -> KSampler
+    # node entered -> the model's first call (the GPU then runs the first step)
+    import comfy.model_base
+
+    host: dict[str, float] = {}
+
+    def stamp_entry(owner, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            host.setdefault(label, time.perf_counter())
+            return inner(*a, **k)
+        setattr(owner, name, wrapper)
+
+    stamp_entry(nodes, "common_ksampler", "ksampler")
+    stamp_entry(comfy.model_base.BaseModel, "apply_model", "first_model_call")
+
     def graphed() -> bool:  # did the sampler run the model as a CUDA graph?
         return any(key[1] == "graph" for key in model_wrapper._wrapped_forwards)
 
@@ -271,6 +288,7 @@ def main() -> None:
         pr["6"]["inputs"]["seed"] = 42 + run
         stamps.clear()
         phases.clear()
+        host.clear()
         if lockstep is not None:
             lockstep.begin(f"bench-{run}")
         _sync()
@@ -301,6 +319,9 @@ def main() -> None:
             record.update(pre_sampling_s=round(first - step, 3), sampling_s=round(last - first + step, 3),
                           post_sampling_s=round(t1 - t0 - last, 3))
         record.update({k: round(v, 3) for k, v in phases.items()})
+        if "ksampler" in host and "first_model_call" in host:
+            record.update(to_ksampler_s=round(host["ksampler"] - t0, 4),
+                          ksampler_to_first_call_s=round(host["first_model_call"] - host["ksampler"], 4))
         from comfy.ldm.modules.attention import attention_backend
 
         record["attention"] = attention_backend()

@@ -4,7 +4,11 @@
 Times the transformer GEMMs of Wan 2.1 14B and Flux.1-dev (bf16, with bias, as the models call them) at row
 counts around the ones sequence parallel gives each rank, on one GPU:
 
-    python3 benchmarks/probe_gemm_rows.py [--model wan flux] [--rows ...]
+    python3 benchmarks/probe_gemm_rows.py [--model wan flux] [--rows ...] [--orientation linear transposed ...]
+
+`--orientation` (GEMMs without GELU): `linear` is F.linear(x, W, b), [rows, out]; `transposed` computes the
+same numbers as W x^T + b, [out, rows] (cuBLAS sees the problem with its m and n swapped, so its heuristic
+may choose another kernel); `transposed_copy` adds the copy back to [rows, out] that a model would need.
 
 One JSON line per (model, GEMM, rows) to stdout and $OUT/gemm_rows.jsonl, with the time per 1000 rows so
 that counts compare directly.
@@ -46,6 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", nargs="+", default=["wan", "flux"], choices=sorted(GEMMS))
     p.add_argument("--rows", nargs="+", type=int, help="row counts (default: per model)")
+    p.add_argument("--orientation", nargs="+", default=["linear"], choices=["linear", "transposed", "transposed_copy"])
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gemm_rows.jsonl"))
     args = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -54,14 +59,24 @@ def main() -> None:
         for model in args.model:
             for name, k, n, gelu in GEMMS[model]:
                 layer = torch.nn.Linear(k, n, device=dev, dtype=dt)
+                bias_col = layer.bias[:, None]
                 for m in args.rows or ROWS[model]:
                     x = torch.randn(m, k, device=dev, dtype=dt, generator=g)
-                    fn = (lambda: linear_gelu(layer, x)) if gelu else (lambda: F.linear(x, layer.weight, layer.bias))
-                    ms = bench(fn, iters=30)
-                    rec = {"what": "gemm_rows", "model": model, "gemm": name, "rows": m, "ms": round(ms, 4),
-                           "ms_per_1000_rows": round(ms * 1000 / m, 5), "card": torch.cuda.get_device_name()}
-                    print(json.dumps(rec), flush=True)
-                    f.write(json.dumps(rec) + "\n")
+                    variants = {
+                        "linear": (lambda: linear_gelu(layer, x)) if gelu
+                        else (lambda: F.linear(x, layer.weight, layer.bias)),
+                        "transposed": lambda: torch.addmm(bias_col, layer.weight, x.t()),
+                        "transposed_copy": lambda: torch.addmm(bias_col, layer.weight, x.t()).t().contiguous(),
+                    }
+                    for orientation in args.orientation:
+                        if gelu and orientation != "linear":
+                            continue
+                        ms = bench(variants[orientation], iters=30)
+                        rec = {"what": "gemm_rows", "model": model, "gemm": name, "rows": m, "ms": round(ms, 4),
+                               "ms_per_1000_rows": round(ms * 1000 / m, 5), "orientation": orientation,
+                               "card": torch.cuda.get_device_name()}
+                        print(json.dumps(rec), flush=True)
+                        f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -546,6 +546,32 @@ if [ "$what" = s36 ]; then
   f36() { grep -E '^\{|Error|error:|refused|Sampling:|TACO-DiT plan|Traceback' | grep -v Warning; }
   fork_1gpu | f36
   fork_ngpu 4 | f36
+fi
+if [ "$what" = s37 ]; then
+  # eighth session, 4 GPUs: where the row-split VAE decode's time goes (bench_vae_parallel.py: 1 GPU whole vs
+  # 4 ranks, statistics pass on/off, host issue time, profile, to-CPU copy, SaveImage's uint8 step); then the
+  # full fork path, 1 GPU and 4 GPUs (pre-sampling split into executor -> KSampler -> first model call; the
+  # SaveImage uint8 step now one torch pass)
+  f37() { grep -E '^\{|Error|error:|refused|Sampling:|TACO-DiT plan|Traceback' | grep -v Warning; }
+  timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_vae_parallel.py --out "$OUT/vae_parallel.jsonl" 2>&1 | f37
+  fork_1gpu | f37
+  fork_ngpu 4 | f37
+fi
+if [ "$what" = s38 ]; then
+  # eighth session, 2 GPUs (+ the 1-GPU baseline on GPU 2): Flux 1024², ring 2 gathered in place, with the
+  # double blocks' k/v sent before q is computed (TACO_KV_EARLY=1, the default) or after (0), in the order
+  # 1, 0, 1; CUDA graphs
+  ( CUDA_VISIBLE_DEVICES=2 timeout 300 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | fj ) &
+  # and on GPU 3: Wan's GEMMs at 1 GPU's and Ulysses 2's rows, also with cuBLAS's m and n swapped
+  ( [ "$ngpu" -ge 4 ] && CUDA_VISIBLE_DEVICES=3 timeout 200 python3 benchmarks/probe_gemm_rows.py --model wan \
+      --rows 32760 16380 --orientation linear transposed transposed_copy --out "$OUT/gemm_rows.jsonl" 2>&1 | fj ) &
+  for c in 1 0 1; do
+    echo "TACO_KV_EARLY=$c"
+    CUDA_VISIBLE_DEVICES=0,1 TACO_KV_EARLY=$c timeout 130 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py \
+      --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_early$c.jsonl" 2>&1 | fj
+  done
+  wait
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context

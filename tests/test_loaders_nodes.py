@@ -85,6 +85,20 @@ def test_unet_loader_node_with_fp8(nodes_mod, base_dir):
         nodes_mod.UNETLoader().load_unet("missing.safetensors", "default")
 
 
+def test_image_to_uint8_gives_the_numpy_formula_bytes(nodes_mod):
+    """SaveImage's float -> uint8 step (one torch pass) against ComfyUI's numpy formula, on values around every
+    step boundary k/255, out of range, half precision and a non-contiguous view."""
+    k = torch.arange(256, dtype=torch.float32) / 255.0
+    edges = torch.cat([k, torch.nextafter(k, torch.tensor(2.0)), torch.nextafter(k, torch.tensor(-1.0)),
+                       torch.tensor([-3.0, -1e-9, 0.0, 1.0, 1.0 + 1e-7, 7.5]), torch.rand(4000)])
+    img = edges[: edges.numel() // 3 * 3].view(-1, 1, 3).expand(-1, 2, 3)
+    for image in (img, img.half(), img.transpose(0, 1)):
+        want = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
+        got = nodes_mod.image_to_uint8(image)
+        assert got.dtype == np.uint8 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def test_save_image_png_metadata_and_counter(nodes_mod, base_dir):
     import folder_paths
 
