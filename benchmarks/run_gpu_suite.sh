@@ -560,7 +560,8 @@ fi
 if [ "$what" = s38 ]; then
   # eighth session, 2 GPUs (+ the 1-GPU baseline on GPU 2): Flux 1024², ring 2 gathered in place, with the
   # double blocks' k/v sent before q is computed (TACO_KV_EARLY=1, the default) or after (0), in the order
-  # 1, 0, 1; CUDA graphs
+  # 1, 0, 1; CUDA graphs (70.94 / 70.66 / 70.63 ms: no gain, so the early send was removed after this call and
+  # TACO_KV_EARLY no longer exists; rerunning this part now times the same code three times)
   ( CUDA_VISIBLE_DEVICES=2 timeout 300 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
       --out "$OUT/step.jsonl" 2>&1 | fj ) &
   # and on GPU 3: Wan's GEMMs at 1 GPU's and Ulysses 2's rows, also with cuBLAS's m and n swapped
