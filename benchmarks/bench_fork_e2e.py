@@ -145,6 +145,57 @@ def parse_config(name: str) -> dict:
     return out
 
 
+def profile_host(args, rank: int, nodes, model_base, vae_module) -> None:
+    """--profile-host: Python profiles (cProfile) of the host's work in the run before the last (so the reported
+    last run carries no profiler overhead; use --runs 3 or more), from the KSampler node's entry to the model's
+    first call, and of VAE.decode and SaveImage, written as text beside --out as host_<tag>_rank<r>.txt."""
+    import cProfile
+    import io
+    import pstats
+
+    state: dict = {"runs": 0, "prof": None}
+    out = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"host_{args.tag}_rank{rank}.txt")
+
+    def dump(title: str, prof) -> None:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+        with open(out, "a") as f:
+            f.write(f"== {title}\n{text.getvalue()}\n")
+
+    ksampler, apply_model = nodes.common_ksampler, model_base.BaseModel.apply_model
+
+    def k(*a, **kw):
+        state["runs"] += 1
+        if state["runs"] == args.runs - 1:
+            state["prof"] = cProfile.Profile()
+            state["prof"].enable()
+        return ksampler(*a, **kw)
+
+    def first_call(self, *a, **kw):
+        if state["prof"] is not None:
+            state["prof"].disable()
+            dump("KSampler entry -> first model call", state["prof"])
+            state["prof"] = None
+        return apply_model(self, *a, **kw)
+
+    def whole(title: str, inner):
+        def wrapper(*a, **kw):
+            if state["runs"] != args.runs - 1:
+                return inner(*a, **kw)
+            prof = cProfile.Profile()
+            prof.enable()
+            try:
+                return inner(*a, **kw)
+            finally:
+                prof.disable()
+                dump(title, prof)
+        return wrapper
+
+    nodes.common_ksampler, model_base.BaseModel.apply_model = k, first_call
+    vae_module.VAE.decode = whole("VAE.decode", vae_module.VAE.decode)
+    nodes.SaveImage.save_images = whole("SaveImage.save_images", nodes.SaveImage.save_images)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=1024)
@@ -155,6 +206,8 @@ def main() -> None:
     p.add_argument("--reference", default=None, help="1-GPU PNG to compare with")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "fork_e2e.jsonl"))
     p.add_argument("--workdir", default="/tmp/taco-bench")
+    p.add_argument("--profile-host", action="store_true",
+                   help="cProfile the last run's KSampler set-up and VAE.decode (host_<tag>_rank<r>.txt)")
     p.add_argument("--tiny", action="store_true", help="smoke test on CPU with a tiny Flux")
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                    help="optimization.use_cuda_graph (auto: on when the model is split over GPUs)")
@@ -256,6 +309,10 @@ def main() -> None:
                 phases[label] = phases.get(label, 0.0) + time.perf_counter() - start
         setattr(owner, name, wrapper)
 
+    if args.profile_host:
+        import comfy.model_base
+
+        profile_host(args, rank, nodes, comfy.model_base, comfy.vae)
     timed(comfy.vae.VAE, "decode", "vae_decode_s")
     timed(nodes.SaveImage, "save_images", "save_image_s")
 

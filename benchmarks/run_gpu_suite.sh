@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -573,6 +573,20 @@ if [ "$what" = s38 ]; then
       --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_early$c.jsonl" 2>&1 | fj
   done
   wait
+fi
+if [ "$what" = s39 ]; then
+  # eighth session, 4 GPUs: the row-split VAE decode replayed as a CUDA graph (default) against eager
+  # (TACO_VAE_GRAPH=0); then the fork path, 1 GPU and 4 GPUs, three runs each, the second one profiled on the
+  # host (KSampler set-up, VAE.decode, SaveImage: $OUT/host_<tag>_rank<r>.txt), the third reported
+  f39() { grep -E '^\{|Error|error:|refused|Sampling:|TACO-DiT plan|Traceback' | grep -v Warning; }
+  TACO_VAE_GRAPH=0 timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_vae_parallel.py \
+    --out "$OUT/vae_parallel_eager.jsonl" 2>&1 | f39
+  timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_vae_parallel.py --out "$OUT/vae_parallel.jsonl" 2>&1 | f39
+  CUDA_VISIBLE_DEVICES=1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 \
+    --profile-host --tag 1gpu --out "$OUT/e2e.jsonl" 2>&1 | f39
+  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 \
+    --profile-host --tag auto4 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png \
+    --out "$OUT/e2e.jsonl" 2>&1 | f39
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context

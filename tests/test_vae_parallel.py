@@ -139,6 +139,70 @@ def test_split_decode_with_the_statistics_pass_matches_one_rank():
         assert r["diff"] <= FP32_TOL, r["diff"]
 
 
+def _graph_cache(rank: int, world: int) -> dict:
+    import comfy.taco_dit.utils.cuda_graph as cuda_graph
+    from comfy.taco_dit.parallel import vae_parallel
+
+    made = []
+
+    class Recording:  # stands in for CUDAGraphCallable on CPU: calls straight through, counts graphs made
+        def __init__(self, fn, max_graphs=4):
+            self.fn, self.calls = fn, 0
+            made.append(self)
+
+        def __call__(self, *args):
+            self.calls += 1
+            return self.fn(*args)
+
+    cuda_graph.CUDAGraphCallable = Recording
+    vae_parallel.graph_applies = lambda z: True
+    group = vae_parallel.world_group()
+    model = _model(16, False)
+    latent = torch.randn(*CASES[0][2], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager, counts = vae_parallel._split_decode(model, latent, group, vae_parallel.RowSplit.balanced(13, world))
+    outs, infos = [], []
+    for step in range(3):
+        if step == 2:  # the weights move (offloaded and loaded again): a graph of the old addresses must not run
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.data = p.data.clone()
+        vae_parallel.last_decode.clear()
+        outs.append(vae_parallel.decode(model, latent, group))
+        infos.append(dict(vae_parallel.last_decode))
+    return dict(calls=[m.calls for m in made], same=all(torch.equal(o, eager) for o in outs),
+                infos_ok=all(i["collectives"] == counts and i["ranks"] == world for i in infos), cached=len(vae_parallel._graphs))
+
+
+@pytest.mark.slow
+def test_graphed_split_decode_is_kept_per_set_of_weights():
+    """The split decode's CUDA graph (a stand-in that calls through, on CPU) is made once and replayed for the
+    next decode of the same weights; weights at new addresses get a new one and the old is dropped. Outputs
+    are the eager split decode's, and last_decode still reports the collectives."""
+    for r in run_on_ranks(2, _graph_cache):
+        assert r["calls"] == [2, 1] and r["cached"] == 1
+        assert r["same"] and r["infos_ok"]
+
+
+def test_graph_rule(monkeypatch):
+    from comfy.ldm.models import autoencoder
+    from comfy.taco_dit.parallel import vae_parallel
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(autoencoder, "statistics_pass_applies", lambda x: True)
+    assert not vae_parallel.graph_applies(torch.zeros(1, 16, 8, 8))  # a CPU tensor is never graphed
+    on_gpu = lambda *shape: SimpleNamespace(is_cuda=True, shape=shape)  # noqa: E731
+    assert vae_parallel.graph_applies(on_gpu(1, 16, 256, 256))  # 2048² pixels
+    assert not vae_parallel.graph_applies(on_gpu(1, 16, 257, 256))
+    assert not vae_parallel.graph_applies(on_gpu(2, 16, 256, 256))
+    monkeypatch.setattr(autoencoder, "statistics_pass_applies", lambda x: False)  # e.g. an fp32 VAE
+    assert not vae_parallel.graph_applies(on_gpu(1, 16, 8, 8))
+    monkeypatch.setattr(autoencoder, "statistics_pass_applies", lambda x: True)
+    monkeypatch.setenv("TACO_VAE_GRAPH", "0")
+    assert not vae_parallel.graph_applies(on_gpu(1, 16, 8, 8))
+
+
 def _row_split_rules():
     from comfy.taco_dit.parallel.vae_parallel import RowSplit
 

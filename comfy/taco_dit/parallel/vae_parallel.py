@@ -40,6 +40,7 @@ Which decodes are split is decided by `decode_group` from the process configurat
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -278,11 +279,62 @@ def _decoder_rows(rows: _Rows, decoder, z_rows: torch.Tensor, z_top, z_bottom) -
 def decode(autoencoder, z: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     """`autoencoder.decode(z)` (an AutoencoderKL: optional post_quant_conv, then the Decoder) computed by
     the ranks of `group` together; every rank passes the same `z` [B, C, H, W] and gets the whole output.
-    A group of one, or fewer latent rows than ranks, decodes whole on each rank."""
+    A group of one, or fewer latent rows than ranks, decodes whole on each rank. On GPUs the split decode
+    is replayed as a CUDA graph where `graph_applies` (see there)."""
     height = z.shape[2]
     if group.size == 1 or height < group.size:
         return autoencoder.decode(z)
     split = RowSplit.balanced(height, group.size)
+    if graph_applies(z):
+        graphed, counts = _graphed(autoencoder, group)
+        out = graphed(z)
+    else:
+        out, counts = _split_decode(autoencoder, z, group, split)
+    last_decode.clear()
+    last_decode.update(ranks=group.size, latent_rows=split.counts, collectives=dict(counts))
+    return out
+
+
+# At 1024² on 4 H200s the split decode issued its ~1300 kernels in 28-33 ms of host time while the GPU was busy
+# for 19.5 ms of it (bench_vae_parallel.py, call s37): bound by the host, which a CUDA graph takes away.
+_GRAPH_MAX_PIXELS = 2048 * 2048  # output pixels per decoded chunk: the graph's pool holds its activations
+_graphs: dict = {}
+
+
+def graph_applies(z: torch.Tensor) -> bool:
+    """Whether the split decode of `z` runs as a CUDA graph: CUDA, the GroupNorm statistics pass (so nothing in
+    it copies from the host: the merged-moments path makes a small host tensor per decode), at most
+    `_GRAPH_MAX_PIXELS` output pixels, unless `TACO_VAE_GRAPH=0`. Decided from the latent and the environment
+    only: the same on every rank, which capture needs (every rank captures the same collectives)."""
+    if not z.is_cuda or os.environ.get("TACO_VAE_GRAPH", "1") == "0" or not autoencoder.statistics_pass_applies(z):
+        return False
+    return z.shape[0] * z.shape[2] * z.shape[3] * 64 <= _GRAPH_MAX_PIXELS
+
+
+def _graphed(model, group: GroupHandle):
+    """(graphed split decode, its collective counts) for `model` on `group`, one per set of weights: a graph
+    reads the weights where they were when it was captured, so weights that moved (the VAE offloaded and
+    loaded again) or changed get a new one, and the old one is dropped with its memory."""
+    from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable
+
+    key = (id(model), tuple(group.ranks), tuple(p.data_ptr() for p in model.parameters()))
+    entry = _graphs.get(key)
+    if entry is None:
+        _graphs.clear()
+        counts: dict = {}
+
+        def run(z):
+            out, seen = _split_decode(model, z, group, RowSplit.balanced(z.shape[2], group.size))
+            counts.update(seen)
+            return out
+
+        entry = _graphs[key] = (CUDAGraphCallable(run, max_graphs=2), counts)
+    return entry
+
+
+def _split_decode(autoencoder, z: torch.Tensor, group: GroupHandle, split: RowSplit) -> tuple[torch.Tensor, dict]:
+    """The split decode itself: (whole output, collectives used)."""
+    height = z.shape[2]
     rows = _Rows(group, split)
     start, count = rows.split.start(rows.index), rows.count
     lo, hi = max(start - 1, 0), min(start + count + 1, height)
@@ -293,10 +345,7 @@ def decode(autoencoder, z: torch.Tensor, group: GroupHandle) -> torch.Tensor:
     z_bottom = zr[:, :, -1:] if start + count < height else None
     z_rows = zr[:, :, start - lo:start - lo + count].contiguous()
     local = _decoder_rows(rows, autoencoder.decoder, z_rows, z_top, z_bottom)
-    out = rows.gather_rows(local)
-    last_decode.clear()
-    last_decode.update(ranks=group.size, latent_rows=split.counts, collectives=dict(rows.collectives))
-    return out
+    return rows.gather_rows(local), dict(rows.collectives)
 
 
 # -- when to split --------------------------------------------------------------------------------------------
