@@ -92,11 +92,16 @@ def test_image_to_uint8_gives_the_numpy_formula_bytes(nodes_mod):
     edges = torch.cat([k, torch.nextafter(k, torch.tensor(2.0)), torch.nextafter(k, torch.tensor(-1.0)),
                        torch.tensor([-3.0, -1e-9, 0.0, 1.0, 1.0 + 1e-7, 7.5]), torch.rand(4000)])
     img = edges[: edges.numel() // 3 * 3].view(-1, 1, 3).expand(-1, 2, 3)
-    for image in (img, img.half(), img.transpose(0, 1)):
+    big = torch.rand(700, 400, 3) * 1.2 - 0.1  # row blocks on several threads
+    for image in (img, img.half(), img.transpose(0, 1), big):
+        kept = image.clone()
         want = np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
         got = nodes_mod.image_to_uint8(image)
         assert got.dtype == np.uint8 and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
+        assert torch.equal(image, kept)  # the IMAGE is left as it was
+        with torch.inference_mode():  # as the executor runs nodes (the pool threads are not in it)
+            np.testing.assert_array_equal(nodes_mod.image_to_uint8(image.clone()), want)
 
 
 def test_save_image_png_metadata_and_counter(nodes_mod, base_dir):

@@ -93,13 +93,13 @@ def test_ihdr_fields():
 
 @pytest.mark.parametrize("threads", [1, 2, 4, 8])
 def test_split_stream_is_valid_zlib_of_filtered_rows(threads):
-    h, w, c = 700, 640, 3  # 1.35 MB of filtered data: 1 band on one thread, up to 5 bands otherwise
+    h, w, c = 700, 640, 3  # 1.35 MB of filtered data: 1 band on one thread, up to 10 bands otherwise
     arr = make_image(h, w, c, "gradient")
     arr[::7] = make_image(h, w, c, "noise")[::7]
     data = encode_png(arr, compress_level=4, threads=threads)
     chunks = parse_chunks(data)
     n_idat = len([k for k, _ in chunks if k == b"IDAT"])
-    assert n_idat == min(threads, h * (1 + w * c) // (256 << 10))
+    assert n_idat == min(threads, h * (1 + w * c) // png_writer._MIN_CHUNK_BYTES)
     stream = zlib_stream(data)
     assert stream[:2] == b"\x78\x5e"  # zlib header: deflate, 32K window, FLEVEL 1 (levels 2..5)
     filtered = zlib.decompress(stream)  # also checks the Adler-32 trailer
@@ -364,10 +364,10 @@ def test_save_image_in_a_multi_rank_job_encodes_on_every_rank_together(tmp_path)
     png = Image.open(io.BytesIO(data0))
     assert np.array_equal(np.asarray(png), expected)
     assert png.text["prompt"] == '{"1": {"class_type": "x"}}'  # the metadata chunk is kept
-    # each band is one IDAT chunk: the ranks cut the image into world * threads bands (256 KiB at least)
+    # each band is one IDAT chunk: the ranks cut the image into world * threads bands (_MIN_CHUNK_BYTES at least)
     idat, pos = 0, 8
     while pos < len(data0):
         length, kind = struct.unpack(">I4s", data0[pos:pos + 8])
         idat += kind == b"IDAT"
         pos += 12 + length
-    assert idat == min(2 * png_writer.default_threads(), 512 * (1024 * 3 + 1) // (256 << 10))
+    assert idat == min(2 * png_writer.default_threads(), 512 * (1024 * 3 + 1) // png_writer._MIN_CHUNK_BYTES)

@@ -185,10 +185,10 @@ def test_graphed_split_decode_is_kept_per_set_of_weights():
 
 
 def test_graph_rule(monkeypatch):
+    from types import SimpleNamespace
+
     from comfy.ldm.models import autoencoder
     from comfy.taco_dit.parallel import vae_parallel
-
-    from types import SimpleNamespace
 
     monkeypatch.setattr(autoencoder, "statistics_pass_applies", lambda x: True)
     assert not vae_parallel.graph_applies(torch.zeros(1, 16, 8, 8))  # a CPU tensor is never graphed
