@@ -77,7 +77,10 @@ _pool_lock = threading.Lock()
 
 
 def default_threads() -> int:
-    return min(32, os.cpu_count() or 1)
+    # 8: one process's threads share its GIL (the filter's numpy calls hold it between loops), so more of
+    # them were slower, not faster: a 1024² SaveImage took ~100 ms on 32 threads against 44-62 ms on 8 (H200
+    # host, 64 cores, calls s39 / s40). A multi-GPU job's ranks each bring their own 8.
+    return min(8, os.cpu_count() or 1)
 
 
 def run_row_blocks(height: int, work, threads: int | None = None, min_rows: int = 1) -> None:
@@ -375,7 +378,7 @@ def encode_png(arr: np.ndarray, text: dict[str, str] | None = None, compress_lev
 
     `text` items become tEXt chunks (iTXt when a value is not Latin-1 encodable), in order.
     `compress_level` is zlib's 0 (stored) .. 9, as in PIL; -1 means zlib's default (6).
-    `threads` bounds how many bands are filtered and compressed in parallel (default: min(32, CPUs)).
+    `threads` bounds how many bands are filtered and compressed in parallel (default: min(8, CPUs)).
     `share`: other processes holding the same image encode it together with this one (BandShare): each
     compresses `threads` bands of count * threads, and every process returns the same bytes. The cut into
     bands is the only difference to a single process's encode (the same pixels, sizes within ~0.1 %)."""
