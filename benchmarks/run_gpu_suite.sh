@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -601,6 +601,16 @@ if [ "$what" = s40 ]; then
       --profile-host --tag auto4 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png \
       --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu_$round.log" 2>&1; f40 < "$OUT/fork_4gpu_$round.log"
   done
+fi
+if [ "$what" = s41 ]; then
+  # eighth session, 4 GPUs: the fork path at 2048², 1 GPU then 4 GPUs, two runs each (the second reported):
+  # the step ratio at 2048² with this session's code, and the graphed row-split VAE decode at its largest size
+  f41() { grep -E '^\{|Error|error:|refused|TACO-DiT plan' | grep -v Warning; }
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/bench_fork_e2e.py --size 2048 --steps 20 --runs 2 \
+    --tag 1gpu2k --out "$OUT/e2e.jsonl" > "$OUT/fork_1gpu_2048.log" 2>&1; f41 < "$OUT/fork_1gpu_2048.log"
+  timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 2048 --steps 20 --runs 2 \
+    --tag auto4_2k --reference /tmp/taco-bench/1gpu2k-rank0/output/bench_00002_.png \
+    --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu_2048.log" 2>&1; f41 < "$OUT/fork_4gpu_2048.log"
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
