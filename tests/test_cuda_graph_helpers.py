@@ -100,3 +100,16 @@ def test_signature_ignores_the_per_prompt_conditioning_uuids():
     assert _signature(call([uuid.uuid4()], [0])) == _signature(call([uuid.uuid4()], [0]))
     assert _signature(call([uuid.uuid4()], [0])) != _signature(call([uuid.uuid4()], [1]))
     assert _signature(call([uuid.uuid4()], [0])) != _signature(call([uuid.uuid4(), uuid.uuid4()], [0, 1]))
+
+
+def test_release_all_graphs_drops_every_live_wrappers_graphs():
+    """Before the process group is torn down, every captured graph goes (they hold captured NCCL work); the
+    wrappers stay usable. Entries stand in for captured graphs on CPU."""
+    from comfy.taco_dit.utils.cuda_graph import CUDAGraphCallable, release_all_graphs
+
+    a, b = CUDAGraphCallable(lambda x: x), CUDAGraphCallable(lambda x: x)
+    a.graphs.update(one=object(), two=object())
+    b.graphs.update(three=object())
+    assert release_all_graphs() >= 3
+    assert a.graphs == {} and b.graphs == {} and not a.failed
+    assert release_all_graphs() == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import weakref
 
 import torch
 
@@ -62,6 +63,22 @@ def _clone_inputs(value):
     return value
 
 
+_instances: weakref.WeakSet = weakref.WeakSet()
+
+
+def release_all_graphs() -> int:
+    """Drop every captured graph (their memory pools and what they captured, e.g. NCCL work and symmetric
+    buffers) before the process group is torn down; returns how many were dropped. The wrappers stay usable
+    and would capture again."""
+    n = 0
+    if torch.cuda.is_available() and any(w.graphs for w in list(_instances)):
+        torch.cuda.synchronize()  # no graph is dropped while a replay of it may still run
+    for wrapper in list(_instances):
+        n += len(wrapper.graphs)
+        wrapper.graphs.clear()
+    return n
+
+
 class CUDAGraphCallable:
     def __init__(self, fn, warmup: int = 2, max_graphs: int = 4):
         self.fn = fn
@@ -70,6 +87,7 @@ class CUDAGraphCallable:
         self.max_graphs = max_graphs
         self.graphs: dict = {}
         self.failed = False
+        _instances.add(self)
 
     def __call__(self, *args, **kwargs):
         if self.failed:
