@@ -20,11 +20,11 @@ photograph 1573 / 1786 / 1573 KB. Adaptive is kept: it is never much worse, whil
 loses 4-14 % on some content, and the few ms it costs (split over the threads) are small next to deflate.
 
 Compression: the filtered rows are cut into bands of whole rows (about one per thread, at least
-128 KiB each; 256 KiB bands left the 4 ranks of a 4-GPU job 3 bands each at 1024², so only 3 of their threads
-compressed; 128 KiB bands change the size of a 1024² render by 0.03 %). Every band is compressed independently as raw deflate (``zlib.compressobj(level,
-DEFLATED, -15)``); bands after the first are primed with the previous 32 KiB of filtered data as
-``zdict`` (each band filters the few rows of context it needs itself, so bands do not wait for each
-other), so matches across a cut are still found: the output is within ~0.1 % of a single stream. Every
+128 KiB each: 256 KiB bands left the 4 ranks of a 4-GPU job 3 bands each at 1024², so only 3 of their
+threads compressed; 128 KiB bands change the size of a 1024² render by 0.03 %). Every band is compressed
+independently as raw deflate (``zlib.compressobj(level, DEFLATED, -15)``); bands after the first are
+primed with the previous 32 KiB of filtered data as ``zdict`` (each band filters the few rows of context
+it needs itself, so bands do not wait for each other), so matches across a cut are still found: the output is within ~0.1 % of a single stream. Every
 band but the last ends with ``Z_SYNC_FLUSH`` (byte-aligned, not final), the last with ``Z_FINISH``; the
 concatenation is one valid deflate stream, wrapped with a 2-byte zlib header for the level and the
 Adler-32 of all filtered data (per-band checksums combined arithmetically). Each band goes in its own
