@@ -186,6 +186,40 @@ class TestHunyuanDiT(SequenceParallelCases):
                      text_embedding_mask_t5=i["mask_t5"])
 
 
+def _shared_modulations(rank, world):
+    import torch.nn.functional as F
+
+    from comfy.taco_dit.parallel.sequence_parallel import shared_modulations
+
+    model, _ = TestFlux().build(h=4, w=4, txt_len=3, depth=3)
+    mesh = ParallelMesh(MeshDims(world_size=world, ulysses=world, ring=1))
+    vec = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    mods = [m for b in model.double_blocks for m in (b.img_mod, b.txt_mod)] + [b.modulation for b in model.single_blocks]
+    with torch.no_grad():
+        supply = shared_modulations(model, vec, mesh.sp)
+        return [bool(torch.equal(supply(m), m.lin(F.silu(vec)))) for m in mods], supply(model.final_layer)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_flux_modulations_are_computed_once_over_the_ranks(world):
+    """shared_modulations: each rank computes a share of the blocks' lin(silu(vec)) and every rank ends with
+    all of them, equal to computing each itself (the same per-module computation); 9 modules of two sizes on
+    3 ranks give uneven shares. What it does not hold (the final layer) is left to the model."""
+    for same, other in run_on_ranks(world, _shared_modulations):
+        assert same == [True] * 9 and other is None
+
+
+def test_balanced_runs_cut_by_size():
+    from comfy.taco_dit.parallel.sequence_parallel import _balanced_runs
+
+    assert _balanced_runs([2, 2, 1, 1, 1, 1], 2) == [(0, 2), (2, 6)]
+    runs = _balanced_runs([18432] * 38 + [9216] * 38, 4)  # Flux.1: 19 double blocks x 2 streams, 38 single
+    assert runs[0][0] == 0 and runs[-1][1] == 76 and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    loads = [sum(([18432] * 38 + [9216] * 38)[a:b]) for a, b in runs]
+    assert max(loads) - min(loads) <= 18432
+    assert _balanced_runs([1, 1], 4) == [(0, 1), (1, 1), (1, 2), (2, 2)]  # more ranks than modules
+
+
 def test_token_split_rules():
     s = TokenSplit(length=10, degree=4)
     assert (s.padded, s.chunk) == (12, 3)

@@ -94,24 +94,41 @@ class SelfAttention(nn.Module):
         return q_out, k_out, v_out
 
 
+# transformer_options key: a callable giving a Modulation's whole output lin(silu(vec)) ([B, multiplier * dim])
+# already computed, or None. The blocks take their shift / scale / gate chunks from it instead of computing
+# them. Every block's modulation depends on `vec` alone, so a sequence-parallel engine can compute them all
+# at the start of a step, each rank a share, and gather them (sequence_parallel.shared_modulations).
+MODULATION_KEY = "flux_modulation_supplier"
+
+
+def supplied_modulation(transformer_options: dict | None, module: nn.Module) -> torch.Tensor | None:
+    supply = transformer_options.get(MODULATION_KEY) if transformer_options else None
+    return supply(module) if supply is not None else None
+
+
 class Modulation(nn.Module):
     def __init__(self, dim: int, double: bool, dtype=None, device=None, operations=None):
         super().__init__()
         self.multiplier = 6 if double else 3
         self.lin = operations.Linear(dim, self.multiplier * dim, bias=True, dtype=dtype, device=device)
 
-    def forward(self, vec: torch.Tensor):
-        """-> (shift, scale, gate) chunks, each [B, 1, dim] (two triples for a double block)."""
-        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+    def forward(self, vec: torch.Tensor, supplied: torch.Tensor | None = None):
+        """-> (shift, scale, gate) chunks, each [B, 1, dim] (two triples for a double block). `supplied`:
+        lin(silu(vec)) computed already (MODULATION_KEY)."""
+        out = (supplied if supplied is not None else self.lin(F.silu(vec)))[:, None, :].chunk(self.multiplier, dim=-1)
         if self.multiplier == 6:
             return out[:3], out[3:]
         return out, None
 
-    def chunks(self, silu_vec: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+    def chunks(self, silu_vec: torch.Tensor, start: int, stop: int,
+               supplied: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Chunks [start, stop) of (shift1, scale1, gate1, shift2, scale2, gate2), each [B, 1, dim], from
-        silu(vec): only those rows of the weight are read."""
+        silu(vec): only those rows of the weight are read (or sliced from `supplied`, see `forward`)."""
         dim = self.lin.weight.shape[1]
-        out = linear_rows(self.lin, silu_vec, start * dim, stop * dim)[:, None, :]
+        if supplied is not None:
+            out = supplied[:, None, start * dim:stop * dim]
+        else:
+            out = linear_rows(self.lin, silu_vec, start * dim, stop * dim)[:, None, :]
         return out.chunk(stop - start, dim=-1)
 
 
@@ -155,14 +172,16 @@ class DoubleStreamBlock(nn.Module):
         # the first shift and scale now; the other four modulation chunks (a GEMV reading two thirds of each
         # modulation weight) are side work of the attention: under sequence parallel they run while q/k/v are
         # exchanged
-        silu_vec = F.silu(vec)
-        img_shift1, img_scale1 = self.img_mod.chunks(silu_vec, 0, 2)
-        txt_shift1, txt_scale1 = self.txt_mod.chunks(silu_vec, 0, 2)
+        img_all = supplied_modulation(transformer_options, self.img_mod)
+        txt_all = supplied_modulation(transformer_options, self.txt_mod)
+        silu_vec = F.silu(vec) if img_all is None or txt_all is None else None
+        img_shift1, img_scale1 = self.img_mod.chunks(silu_vec, 0, 2, img_all)
+        txt_shift1, txt_scale1 = self.txt_mod.chunks(silu_vec, 0, 2, txt_all)
         later: dict = {}
 
         def modulation_rest():
-            later["img"] = self.img_mod.chunks(silu_vec, 2, 6)
-            later["txt"] = self.txt_mod.chunks(silu_vec, 2, 6)
+            later["img"] = self.img_mod.chunks(silu_vec, 2, 6, img_all)
+            later["txt"] = self.txt_mod.chunks(silu_vec, 2, 6, txt_all)
 
         # joint attention over [txt, img] (the order the checkpoint's RoPE ids are laid out in): q, k and v
         # are written straight into their stream's half of one packed joint buffer, so no concatenation follows
@@ -208,7 +227,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, transformer_options: dict | None = None):
-        (shift, scale, gate), _ = self.modulation(vec)
+        (shift, scale, gate), _ = self.modulation(vec, supplied_modulation(transformer_options, self.modulation))
         b, length, _ = x.shape
         hidden, mlp_hidden = self.hidden_dim, self.mlp_hidden_dim
         h = _norm_modulate(self.pre_norm, x, shift, scale)
