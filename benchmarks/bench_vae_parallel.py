@@ -12,13 +12,16 @@ after 2 warm-up runs, each repetition starting with a cuda synchronize + barrier
   split_decode     vae_parallel.decode(model, z, world_group()) on all ranks: wall ms (GPU-synced, rank 0), host
                    issue ms (until the call returns), last_decode, max abs diff to whole_1gpu (rank 0, fp32);
                    both of these with TACO_VAE_FAST_GN=0 and =1 (autoencoder.fast_group_norm_enabled reads the
-                   variable at every GroupNorm, so setting os.environ between calls switches it);
+                   variable at every GroupNorm, so setting os.environ between calls switches it); on GPUs with
+                   the statistics pass the split decode replays a CUDA graph (vae_parallel.graph_applies;
+                   TACO_VAE_GRAPH=0 in the environment measures it eagerly);
   to_image         vae._to_image(decoded) of the full decoded image (every rank at once, as _decode_parallel does);
   vae_decode_full  VAE.decode's path: vae._decode_parallel(latent_cpu, 4, world_group()) on world > 1 (what
                    VAE.decode dispatches to when decode_group splits), vae.decode(latent_cpu) on world 1;
   split_profile    (CUDA only) torch.profiler CUDA activity of one split decode on rank 0: device ms by
                    category, kernel count, top 12 kernels, host wall ms of the profiled run;
-  save_image_uint8 SaveImage's float -> uint8 of the [1, H, W, 3] float32 CPU image, numpy vs torch (rank 0).
+  save_image_uint8 the float -> uint8 step of the [1, H, W, 3] float32 CPU image, numpy vs one torch pass (rank 0;
+                   SaveImage now runs it in row blocks on the PNG threads: nodes.image_to_uint8).
 """
 
 from __future__ import annotations
