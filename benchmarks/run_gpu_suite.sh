@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -652,6 +652,20 @@ if [ "$what" = s44 ]; then
     TACO_SHARED_MODULATION=$c timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 \
       --graph --configs u4 --out "$OUT/step_4gpu_mod$c.jsonl" 2>&1 | fj
   done
+fi
+if [ "$what" = s45 ]; then
+  # prepared in the eighth session for the next (not run yet): where a Flux 1024² step on 2 GPUs goes now (ring 2
+  # gathered in place + shared modulations, CUDA graph, one profile per rank), then the 2-GPU fork path against
+  # 1 GPU with this code (three runs each, the third reported)
+  CUDA_VISIBLE_DEVICES=0,1 timeout 170 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py --sizes 1024 \
+    --config r2 --graph --top 40 --out "$OUT/profile.jsonl" > "$OUT/profile_r2.log" 2>&1; echo "profile rc=$?"
+  grep -h '^{' "$OUT/profile.jsonl" | cut -c1-400
+  f45() { grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' | grep -v Warning; }
+  CUDA_VISIBLE_DEVICES=2 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 \
+    --tag 1gpu --out "$OUT/e2e.jsonl" > "$OUT/fork_1gpu.log" 2>&1; f45 < "$OUT/fork_1gpu.log"
+  CUDA_VISIBLE_DEVICES=0,1 timeout 130 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 \
+    --steps 20 --runs 3 --tag auto2 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png \
+    --out "$OUT/e2e.jsonl" > "$OUT/fork_2gpu.log" 2>&1; f45 < "$OUT/fork_2gpu.log"
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
