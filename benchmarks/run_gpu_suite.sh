@@ -32,6 +32,16 @@ flux_1024_beside_2gpu() {
   CUDA_VISIBLE_DEVICES=0,1 timeout 220 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 --graph \
     --configs "$@" --out "$OUT/step_2gpu.jsonl" 2>&1 | fj
 }
+# eighth session: the fork path at 1024², 1 GPU (on the GPU given) then 2 GPUs (0-1, automatic plan), three
+# runs each (the third reported, compared with the 1-GPU PNG of the same seed); full logs in $OUT
+fork_1gpu_then_2gpu() {
+  fk() { grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' | grep -v Warning; }
+  CUDA_VISIBLE_DEVICES=$1 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 \
+    --tag 1gpu --out "$OUT/e2e.jsonl" > "$OUT/fork_1gpu.log" 2>&1; fk < "$OUT/fork_1gpu.log"
+  CUDA_VISIBLE_DEVICES=0,1 timeout 130 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 \
+    --steps 20 --runs 3 --tag auto2 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png \
+    --out "$OUT/e2e.jsonl" > "$OUT/fork_2gpu.log" 2>&1; fk < "$OUT/fork_2gpu.log"
+}
 if [ "$what" = speed ]; then
   ( CUDA_VISIBLE_DEVICES=0 python3 benchmarks/probe_attention.py --out "$OUT/attention.jsonl" 2>&1 | filter
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --attention sdpa cudnn \
@@ -628,12 +638,7 @@ fi
 if [ "$what" = s43 ]; then
   # eighth session: the fork path at 1024², 1 GPU then 2 GPUs (automatic: ring 2 gathered + graph; the row-split
   # VAE decode graphed over 2 ranks), three runs each, the third reported
-  f43() { grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' | grep -v Warning; }
-  CUDA_VISIBLE_DEVICES=0 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 \
-    --tag 1gpu --out "$OUT/e2e.jsonl" > "$OUT/fork_1gpu.log" 2>&1; f43 < "$OUT/fork_1gpu.log"
-  CUDA_VISIBLE_DEVICES=0,1 timeout 130 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 \
-    --steps 20 --runs 3 --tag auto2 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png \
-    --out "$OUT/e2e.jsonl" > "$OUT/fork_2gpu.log" 2>&1; f43 < "$OUT/fork_2gpu.log"
+  fork_1gpu_then_2gpu 0
 fi
 if [ "$what" = s44 ]; then
   # eighth session: Flux 1024² steps with the blocks' modulations computed once over the ranks and gathered
@@ -660,12 +665,7 @@ if [ "$what" = s45 ]; then
   CUDA_VISIBLE_DEVICES=0,1 timeout 170 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py --sizes 1024 \
     --config r2 --graph --top 40 --out "$OUT/profile.jsonl" > "$OUT/profile_r2.log" 2>&1; echo "profile rc=$?"
   grep -h '^{' "$OUT/profile.jsonl" | cut -c1-400
-  f45() { grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' | grep -v Warning; }
-  CUDA_VISIBLE_DEVICES=2 timeout 130 python3 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 \
-    --tag 1gpu --out "$OUT/e2e.jsonl" > "$OUT/fork_1gpu.log" 2>&1; f45 < "$OUT/fork_1gpu.log"
-  CUDA_VISIBLE_DEVICES=0,1 timeout 130 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 \
-    --steps 20 --runs 3 --tag auto2 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png \
-    --out "$OUT/e2e.jsonl" > "$OUT/fork_2gpu.log" 2>&1; f45 < "$OUT/fork_2gpu.log"
+  fork_1gpu_then_2gpu 2
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
