@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -666,6 +666,31 @@ if [ "$what" = s45 ]; then
     --config r2 --graph --top 40 --out "$OUT/profile.jsonl" > "$OUT/profile_r2.log" 2>&1; echo "profile rc=$?"
   grep -h '^{' "$OUT/profile.jsonl" | cut -c1-400
   fork_1gpu_then_2gpu 2
+fi
+if [ "$what" = s46 ]; then
+  # ninth session: (1) the same fixed kernels on all four GPUs at once (is one GPU slower?); (2) the Wan 14B guided
+  # step's 1-GPU baseline on GPU 0 beside a profile of the Flux 1024² step on 2 GPUs (2-3, ring 2 gathered +
+  # shared modulations, CUDA graph, one profile per rank); (3) Wan on 4 GPUs: CFG 2 x Ulysses 2 (automatic)
+  # against CFG 2 x ring 2 with the keys gathered, then ring 2 rotating
+  for g in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$g timeout 100 python3 benchmarks/probe_gpu_speed.py --tag all4 \
+    --out "$OUT/gpu_speed.jsonl" > "$OUT/gpu_speed_$g.log" 2>&1 & done; wait
+  python3 - "$OUT/gpu_speed.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+for k in sorted({r["kernel"] for r in rows}):
+    print(k, " ".join(f"gpu{r['gpu']}:{r['ms']}@{r.get('sm_mhz')}MHz/{r.get('power_w')}W" for r in rows
+                      if r["kernel"] == k and r["round"] == 2))
+PY
+  ( CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
+      2>&1 | fj ) &
+  CUDA_VISIBLE_DEVICES=2,3 timeout 200 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py --sizes 1024 \
+    --config r2 --graph --top 40 --out "$OUT/profile.jsonl" > "$OUT/profile_r2.log" 2>&1; echo "profile rc=$?"
+  grep -h '^{' "$OUT/profile.jsonl" | cut -c1-600
+  wait
+  timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 c2r2 \
+    --out "$OUT/wan_cfg_step_4gpu.jsonl" 2>&1 | fj
+  TACO_RING=rotate timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2r2 \
+    --out "$OUT/wan_cfg_step_4gpu_rotate.jsonl" 2>&1 | fj
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
