@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--context-side-work", nargs="*", default=["on"], choices=["on", "off"],
                    help="N GPUs: the cross-attention's context k/v as the self-attention's side work (A/B)")
+    p.add_argument("--ulysses-return", nargs="*", default=[None], choices=["slots", "blocks"],
+                   help="N GPUs: TACO_ULYSSES_RETURN for each timing in turn (A/B of sp_attention._send_back)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "wan_step.jsonl"))
     args = p.parse_args()
     from comfy.taco_dit.utils import gemm_tuning
@@ -197,8 +199,10 @@ def main() -> None:
             xs, ts, cs = x[mine], t[mine], ctx[mine]
             cross = type(model.blocks[0].cross_attn)
             own_context_kv = cross.context_kv
-            for side, mode in [(v, m) for v in args.context_side_work
-                               for m in ["eager"] + (["cuda_graph"] if args.graph else [])]:
+            for side, mode, ret in [(v, m, r) for r in args.ulysses_return for v in args.context_side_work
+                                    for m in ["eager"] + (["cuda_graph"] if args.graph else [])]:
+                if ret is not None:
+                    os.environ["TACO_ULYSSES_RETURN"] = ret
                 if side == "off":  # the cross-attention computes its context k/v itself, after the self-attention
                     cross.context_kv = lambda self, *a: None
                 run = (lambda: model(xs, ts, cs)) if mode == "eager" else \
@@ -211,7 +215,8 @@ def main() -> None:
                     diff = (out.float() - reference.float()).abs()
                     emit(args.out, {"impl": "taco-dit", "model": "wan2.1-t2v-14b", "mode": mode, "gpus": world,
                                     "attention": backend, "fused": fused_label(), "config": name, "step_ms": round(ms, 2),
-                                    "context_side_work": side, "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
+                                    "context_side_work": side, "ulysses_return": ret or "default",
+                                    "max_abs_diff_vs_1gpu": round(diff.max().item(), 5),
                                     "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
                                     "card": where, **guided})
             del model.forward_orig

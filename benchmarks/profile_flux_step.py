@@ -55,6 +55,24 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1000.0
 
 
+def idle_gaps(events: list[tuple[str, float, float]], top: int, min_us: float = 2.0) -> list[dict]:
+    """Where the SMs sat idle inside the step: stretches with no kernel running (copy-engine copies and memsets
+    do not count as busy), each put down to the kernel that ended last before it and the one that started
+    after it, summed per pair (µs in, ms out), largest first."""
+    pairs: dict[tuple[str, str], list[float]] = {}
+    last_name, last_end = None, None
+    for name, start, end in sorted(events, key=lambda e: e[1]):
+        if last_end is not None and start - last_end >= min_us:
+            key = (last_name[:70], name[:70])
+            pairs.setdefault(key, [0.0, 0])
+            pairs[key][0] += (start - last_end) / 1000.0
+            pairs[key][1] += 1
+        if last_end is None or end >= last_end:
+            last_name, last_end = name, end
+    ranked = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"after": a, "before": b, "ms": round(v[0], 3), "count": v[1]} for (a, b), v in ranked]
+
+
 def profile_once(fn, top: int) -> dict:
     with torch.inference_mode():
         for _ in range(3):
@@ -71,6 +89,7 @@ def profile_once(fn, top: int) -> dict:
     kernels: dict[str, list[float]] = {}
     spans: list[tuple[float, float]] = []
     compute_spans: list[tuple[float, float]] = []
+    sm_events: list[tuple[str, float, float]] = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels.setdefault(ev.name, [0.0, 0])
@@ -80,6 +99,8 @@ def profile_once(fn, top: int) -> dict:
             spans.append(span)
             if category(ev.name) != "collective":
                 compute_spans.append(span)
+            if not ev.name.startswith(("Memcpy", "Memset")):
+                sm_events.append((ev.name, *span))
     totals: dict[str, float] = {}
     for name, (ms, _) in kernels.items():
         totals[category(name)] = totals.get(category(name), 0.0) + ms
@@ -90,6 +111,8 @@ def profile_once(fn, top: int) -> dict:
             "gpu_busy_ms": round(busy_ms(spans), 2),
             "compute_busy_ms": round(busy_ms(compute_spans), 2),
             "kernels": sum(int(v[1]) for v in kernels.values()),
+            "sm_idle_ms": round(sum(g["ms"] for g in idle_gaps(sm_events, 10 ** 6)), 2),
+            "idle_gaps": idle_gaps(sm_events, top),
             "top": [{"kernel": k[:120], "ms": round(v[0], 3), "calls": v[1]} for k, v in ranked]}
 
 
@@ -147,7 +170,9 @@ def main() -> None:
             f.write(json.dumps(rec) + "\n")
     if dist.is_initialized():
         from comfy.taco_dit.parallel.exchange import release_all
+        from comfy.taco_dit.utils.cuda_graph import release_all_graphs
 
+        release_all_graphs()  # graphs first (they hold symmetric buffers), or the exit hangs (call s46: 200 s)
         release_all()
         dist.destroy_process_group()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -691,6 +691,33 @@ PY
     --out "$OUT/wan_cfg_step_4gpu.jsonl" 2>&1 | fj
   TACO_RING=rotate timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2r2 \
     --out "$OUT/wan_cfg_step_4gpu_rotate.jsonl" 2>&1 | fj
+fi
+if [ "$what" = s47 ]; then
+  # ninth session: Ulysses output returned into head-order slots (TACO_ULYSSES_RETURN=slots, default) against
+  # blocks + interleaving copy. (1) 1-GPU baselines: the Wan 14B guided step on GPU 0, the Flux 1024² step on
+  # GPU 1, beside a profile of the Flux 1024² step on 2 GPUs (2-3, ring 2 gathered) with its idle gaps;
+  # (2) Wan CFG 2 x Ulysses 2 on 4 GPUs in the order slots, blocks, slots; (3) Flux Ulysses 4: blocks, slots
+  ( CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
+      2>&1 | fj ) &
+  ( CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | fj ) &
+  CUDA_VISIBLE_DEVICES=2,3 timeout 150 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py --sizes 1024 \
+    --config r2 --graph --top 30 --out "$OUT/profile.jsonl" > "$OUT/profile_r2.log" 2>&1; echo "profile rc=$?"
+  python3 - "$OUT/profile.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("rank", r["rank"], "step", r["step_ms"], "busy", r["gpu_busy_ms"], "sm idle", r.get("sm_idle_ms"))
+    for g in r.get("idle_gaps", [])[:12]:
+        print("   ", g)
+PY
+  wait
+  timeout 200 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+    --ulysses-return slots blocks slots --out "$OUT/wan_cfg_step_4gpu.jsonl" 2>&1 | fj
+  for m in blocks slots; do
+    TACO_ULYSSES_RETURN=$m timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 \
+      --graph --configs u4 --out "$OUT/step_4gpu_$m.jsonl" 2>&1 | fj
+  done
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context

@@ -556,3 +556,62 @@ def test_copy2d_moves_the_pitched_region_in_bytes():
     assert torch.equal(block, heads)
     with pytest.raises(RuntimeError, match="CUDA error 1; set TACO_CE_2D=0"):
         _copy2d(lambda *a: 1, stream, block, width, heads, pitch, width, rows)
+
+
+def _host_memcpy2d(dst, dpitch, src, spitch, width, height, kind, stream):
+    """cudaMemcpy2DAsync's semantics on host memory (bytes), for exchanges simulated on CPU."""
+    import ctypes
+
+    assert kind == 3
+    for i in range(height):
+        ctypes.memmove(dst + i * dpitch, src + i * spitch, width)
+    return 0
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_returning_output_lands_in_head_order(monkeypatch, strided):
+    """Ulysses' returning output with `interleave`: every rank's block for rank r lands in rank r's buffer in
+    its own slot among the heads, so rank r receives its tokens with all heads in order ([B, S/P, P*hp, D]),
+    and sp_attention._interleave returns it as a view, equal to what the interleaving copy of the blocks
+    layout gives. Three ranks simulated in one process over the fake world memory; the sent blocks are
+    contiguous, or pitched regions of a wider tensor (one 2-D copy each either way)."""
+    from types import SimpleNamespace
+
+    from comfy.taco_dit.parallel import exchange
+    from comfy.taco_dit.parallel.sp_attention import _interleave
+
+    monkeypatch.setattr(exchange, "_memcpy2d", lambda: _host_memcpy2d)
+    p, b, s, hp, d = 3, 1, 4, 2, 5
+    handle = _FakeWorldHandle(p, 8192)
+    exs = []
+    for me in range(p):
+        arena = object.__new__(exchange._Arena)
+        arena.nbytes, arena.handle, arena.used = 8192, handle, {}
+        monkeypatch.setitem(exchange._arenas, torch.device("cpu"), arena)
+        group = SimpleNamespace(size=p, ranks=list(range(p)), rank_in_group=me, _last_exchange=None, _exchanges={})
+        exs.append(exchange.ArenaExchange(group, (b, s, hp, d), torch.float32, torch.device("cpu"), 0))
+    # rank j's attention output: every token of the sequence (P*s) for its heads j*hp ... (j+1)*hp
+    full = torch.randn(b, p * s, p * hp, d)  # [B, S, H, D]: what one rank would hold without sequence parallel
+    try:
+        pendings = []
+        for j in range(p):
+            mine = full[:, :, j * hp:(j + 1) * hp]  # [B, S, hp, D]
+            if not strided:
+                mine = mine.contiguous()
+            blocks = mine.reshape(b, p, s, hp, d).transpose(0, 1)  # [P, B, s, hp, D]: block r = rank r's tokens
+            assert blocks[1].is_contiguous() != strided
+            pendings.append(exs[j].start(blocks, background=True, interleave=True))
+        for r in range(p):
+            assert pendings[r].interleaved
+            got = _interleave([pendings[r]], b, s, p * hp, d)  # [B, H, s, D]
+            want = full[:, r * s:(r + 1) * s].transpose(1, 2)
+            assert torch.equal(got, want)
+            assert got.data_ptr() == exs[r].peers[r].data_ptr()  # a view of the buffer: no interleaving copy
+        # blocks whose rows are not one run each, or no 2-D memcpy: start() sends them as blocks instead
+        blocks = full[:, :, :hp].contiguous().reshape(b, p, s, hp, d).transpose(0, 1)
+        assert exs[0]._start_interleaved(blocks.transpose(3, 4)) is None
+        monkeypatch.setattr(exchange, "_memcpy2d", lambda: None)
+        assert exs[0]._start_interleaved(blocks) is None
+    finally:
+        for ex in exs:
+            exchange._live.remove(ex)

@@ -193,7 +193,7 @@ def _copy2d(memcpy2d, stream, dst: torch.Tensor, dst_pitch: int, src: torch.Tens
     cudaMemcpy2DAsync (`_memcpy2d()`) on `stream`: carried by a copy engine. Sizes in elements."""
     size = src.element_size()
     err = memcpy2d(dst.data_ptr(), dst_pitch * size, src.data_ptr(), src_pitch * size, width * size, rows, 3,
-                   stream.cuda_stream)  # 3: cudaMemcpyDeviceToDevice
+                   stream.cuda_stream if stream is not None else None)  # 3: cudaMemcpyDeviceToDevice
     if err:
         raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}; set TACO_CE_2D=0")
 
@@ -215,6 +215,8 @@ class Pending:
     def __init__(self, recv: torch.Tensor, work=None, streams=(), barrier=None, keep=None):
         self.recv, self.work, self.streams, self.barrier = recv, work, streams, barrier
         self.keep = keep  # the sent tensor, alive until the exchange is waited for
+        # True where what arrives is [*lead, P, *tail] (SymmetricExchange.start(interleave=True)), not [P, *block]
+        self.interleaved = False
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
@@ -235,7 +237,9 @@ class NcclExchange:
         self.shape = (group.size, *block_shape)
         self.dtype, self.device = dtype, device
 
-    def start(self, blocks: torch.Tensor | None = None, *, write=None, background: bool = False) -> Pending:
+    def start(self, blocks: torch.Tensor | None = None, *, write=None, background: bool = False,
+              interleave: bool = False) -> Pending:
+        """`interleave` is a wish only symmetric exchanges grant: what arrives here is always [P, *block]."""
         if blocks is None:
             blocks = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             write(blocks)
@@ -267,11 +271,16 @@ class SymmetricExchange:
     def _barrier(self) -> None:
         self.handle.barrier(channel=self.channel)
 
-    def start(self, blocks: torch.Tensor | None = None, *, write=None, background: bool = False) -> Pending:
+    def start(self, blocks: torch.Tensor | None = None, *, write=None, background: bool = False,
+              interleave: bool = False) -> Pending:
         if self.group._last_exchange is self:
             # this buffer's previous contents may still be unread by a peer: wait for everyone first
             self._barrier()
         self.group._last_exchange = self
+        if interleave and blocks is not None and background:
+            pending = self._start_interleaved(blocks)
+            if pending is not None:
+                return pending
         targets = [self.peers[r][self.rank] for r in range(self.group.size)]
         recv = self.peers[self.rank]
         if blocks is None:
@@ -304,6 +313,46 @@ class SymmetricExchange:
                 _copy2d(pitched, side, targets[r], width, src[r], pitch, width, rows)
             streams.append(side)
         return Pending(recv, streams=streams, barrier=self._barrier, keep=src)
+
+    def _start_interleaved(self, blocks: torch.Tensor) -> Pending | None:
+        """`start(blocks, background=True, interleave=True)`: block r ([*lead, hc, D]) lands in peer r's buffer
+        laid out as [*lead, P, hc, D], in this rank's slot of the P axis, by one 2-D memcpy per destination
+        (copy engines). So what arrives is already [*lead, P * hc, D]: for returning Ulysses output, this
+        rank's tokens with every head in order, which the next GEMM reads as it is, with no interleaving copy
+        on the SMs (0.26 ms per layer for Wan 14B under Ulysses 2, call s25). None where the blocks cannot go
+        that way (no 2-D memcpy, or rows that are not one run each): the caller then sends them as blocks."""
+        memcpy2d = _memcpy2d()
+        p = self.group.size
+        block = tuple(blocks.shape[1:])
+        if memcpy2d is None or len(block) < 3:
+            return None
+        lead, tail = block[:-2], block[-2:]
+        width = tail[0] * tail[1]
+        src_rows = []
+        for r in range(p):
+            src = blocks[r]
+            if src.is_contiguous():
+                src_rows.append(width)
+                continue
+            shape = pitched_rows(src)
+            if shape is None or shape[:2] != (math.prod(lead), width):
+                return None
+            src_rows.append(shape[2])
+        rows = math.prod(lead)
+        main = torch.cuda.current_stream(blocks.device) if blocks.is_cuda else None  # host memory: tests
+        streams = []
+        for lane, r in enumerate(sorted(range(p), key=lambda r: r == self.rank)):  # peers first
+            dst = self.peers[r].view(*lead, p, *tail)[..., self.rank, :, :]
+            side = None
+            if main is not None:
+                side = _side_stream(blocks.device, lane)
+                side.wait_stream(main)
+                streams.append(side)
+            _copy2d(memcpy2d, side, dst, p * width, blocks[r], src_rows[r], width, rows)
+        recv = self.peers[self.rank].view(*lead, p, *tail)
+        pending = Pending(recv, streams=streams, barrier=self._barrier, keep=blocks)
+        pending.interleaved = True
+        return pending
 
     def own_block(self) -> torch.Tensor:
         """This rank's block of its own receive buffer. A sender that writes its data here first (e.g. a model

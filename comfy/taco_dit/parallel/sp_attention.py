@@ -237,13 +237,13 @@ def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysse
         packed_c = recv.view(p * s, 3, hc, d)[None] if b == 1 else recv.transpose(0, 1).reshape(b, p * s, 3, hc, d)
         qc, kc, vc = packed_c.permute(2, 0, 3, 1, 4).unbind(0)
         returning.append(_send_back(ring_attention(qc, kc, vc, ring, keep), ulysses, f"ulysses_out{c}", measured,
-                                    background))
+                                    background, interleave=n == 1))
     run_side_work(after)
     return _interleave(returning, b, s, h, d)
 
 
 def _send_back(out: torch.Tensor, ulysses: GroupHandle, name: str, measured: bool, background: bool,
-               arena: bool = False):
+               arena: bool = False, interleave: bool = False):
     """Start returning attention output [B, hc, S, D] (one head group, the whole sequence) to the ranks whose
     tokens they are."""
     p = ulysses.size
@@ -252,13 +252,26 @@ def _send_back(out: torch.Tensor, ulysses: GroupHandle, name: str, measured: boo
     # [P, B, S/P, hc, D]: for B == 1 cuDNN's token-major output already is this layout, sent as it is
     out = out.transpose(1, 2).reshape(b, p, s, hc, d).transpose(0, 1)
     ex = ulysses.exchange(name, (b, s, hc, d), out.dtype, out.device, measured=measured, arena=arena)
-    return ex.start(out, background=background)
+    # one head group: each block goes straight to its slot among the heads of the receiving rank (exchange.py),
+    # so nothing is interleaved on arrival; several groups still interleave (their heads alternate)
+    return ex.start(out, background=background, interleave=interleave and _return_interleaved())
+
+
+def _return_interleaved() -> bool:
+    """`TACO_ULYSSES_RETURN=slots` (default) lets returning output land in head order (no interleaving copy);
+    `blocks` keeps the [P, ...] blocks and the copy (for measuring)."""
+    want = os.environ.get("TACO_ULYSSES_RETURN", "slots").strip().lower() or "slots"
+    if want not in ("slots", "blocks"):
+        raise ValueError(f"TACO_ULYSSES_RETURN={want!r}: use slots or blocks")
+    return want == "slots"
 
 
 def _interleave(returning: list, b: int, s: int, h: int, d: int) -> torch.Tensor:
     """This rank's tokens with every head, [B, H, S/P, D] (token-major in memory), from the returning
     exchanges of each head group: back[c][r] holds heads r*hp + c*hc ... ."""
     back = [pending.wait() for pending in returning]
+    if len(back) == 1 and returning[0].interleaved:  # arrived as [B, S/P, P, hp, D]: heads in order already
+        return back[0].view(b, s, h, d).transpose(1, 2)
     back = back[0][None] if len(back) == 1 else torch.stack(back)
     return back.permute(2, 3, 1, 0, 4, 5).reshape(b, s, h, d).transpose(1, 2)
 
@@ -309,7 +322,7 @@ def _ulysses_staged(q: torch.Tensor, k, v, ulysses: GroupHandle, ring: GroupHand
             qkv.append(recv.view(1, p * s, hc, d).transpose(1, 2) if b == 1
                        else recv.transpose(0, 1).reshape(b, p * s, hc, d).transpose(1, 2))
         returning.append(_send_back(ring_attention(*qkv, ring, keep), ulysses, f"ulysses_out{c}", measured,
-                                    background, arena=True))
+                                    background, arena=True, interleave=n == 1))
     run_side_work(after)
     return _interleave(returning, b, s, h, d)
 
