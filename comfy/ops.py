@@ -12,6 +12,8 @@ Two families, chosen per model by `pick_operations`:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,16 +57,48 @@ def _layer_weight(layer: torch.nn.Module, x: torch.Tensor):
     return layer.weight, layer.bias
 
 
+def _pitched_rows(t: torch.Tensor, features: int) -> torch.Tensor | None:
+    """`t` ([..., features] in any trailing shape) as a [rows, features] matrix view: rows of `features`
+    contiguous elements at one pitch, which a GEMM can write directly (its leading dimension). None where
+    the rows are not evenly spaced (e.g. a column slice of a batched buffer)."""
+    if t.is_contiguous():
+        return t.view(-1, features)
+    split, size = t.ndim, 1
+    while split > 0 and size < features:
+        split -= 1
+        size *= t.shape[split]
+    if size != features or any(st != want for n, st, want in zip(t.shape[split:], t.stride()[split:],
+                                                                  _contiguous_strides(t.shape[split:])) if n != 1):
+        return None
+    lead = [(n, st) for n, st in zip(t.shape[:split], t.stride()[:split]) if n != 1]
+    pitch = lead[-1][1] if lead else features
+    if pitch < features or any(st != n_next * st_next for (_, st), (n_next, st_next) in zip(lead, lead[1:])):
+        return None
+    return t.as_strided((math.prod(n for n, _ in lead), features), (pitch, 1))
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w^T + b, then the tanh GELU when `gelu`: in one GEMM on CUDA half precision with a bias (cuBLASLt
     applies bias and GELU in the matmul's epilogue via `torch._addmm_activation`, so the result is written once
     instead of written, read and written again by a separate GELU pass); elsewhere the two ops.
-    `out` (no GELU): a contiguous [..., out features] tensor the GEMM writes into, which is returned."""
+    `out` (no GELU): a [..., out features] tensor the GEMM writes into, which is returned: contiguous, or rows
+    of contiguous features at one pitch (e.g. k and v of a packed [1, L, 3, H, D] buffer: `out[:, :, 1:3]`)."""
     if out is not None:
         if gelu:
             raise ValueError("out= is for a plain linear layer, not one with the GELU fused")
-        x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, w.shape[0])
+        x2, o2 = x.reshape(-1, x.shape[-1]), _pitched_rows(out, w.shape[0])
+        if o2 is None:  # a layout cuBLAS cannot write: compute, then copy in
+            out.copy_(_linear_act(x, w, b, False).view(out.shape))
+            return out
         if b is None:
             torch.mm(x2, w.t(), out=o2)
         else:

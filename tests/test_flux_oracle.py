@@ -151,3 +151,33 @@ def test_kontext_reference_tokens_match_diffusers():
     assert ours_out.shape == x.shape
     assert not torch.allclose(ours_out, plain, atol=1e-3)  # the reference really conditions the output
     torch.testing.assert_close(ours_out, d, rtol=1e-4, atol=1e-4)
+
+
+def test_double_blocks_write_k_and_v_before_q_where_the_override_asks():
+    """With a kv-ready hook in transformer_options (the gathered ring installs one), each double block writes k
+    and v of both streams into the supplied packed buffer, calls the hook (q not written yet: the buffer still
+    holds its NaN fill there), then writes q. The result is the plain forward's (the GEMM split by weight rows
+    changes the summation order only)."""
+    import comfy.model_detection
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.attention import KV_READY_KEY, QKV_BUFFER_KEY
+
+    sd = demo_script().random_flux_state_dict(**CFG, guidance_embed=True, seed=5)
+    m = Flux(**comfy.model_detection.detect_unet_config(sd, "")).eval()
+    m.load_state_dict(sd)
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(1, 16, 8, 6, generator=g), torch.randn(1, 5, CFG["context_in_dim"], generator=g)
+    y, t, gd = torch.randn(1, CFG["vec_in_dim"], generator=g), torch.tensor([0.6]), torch.tensor([3.5])
+    seen = []
+
+    def ready(buf):
+        seen.append((bool(torch.isfinite(buf[:, :, 1:3]).all()), bool(torch.isnan(buf[:, :, 0]).all())))
+
+    opts = {QKV_BUFFER_KEY: lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device),
+            KV_READY_KEY: ready}
+    with torch.no_grad():
+        plain = m(x, t, ctx, y=y, guidance=gd)
+        early = m(x, t, ctx, y=y, guidance=gd, transformer_options=opts)
+    assert seen == [(True, True)] * CFG["depth"]
+    assert plain.abs().mean() > 0.05
+    torch.testing.assert_close(early, plain, rtol=1e-5, atol=1e-5)

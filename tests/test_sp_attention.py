@@ -394,17 +394,30 @@ def test_in_place_gather_sends_only_the_region_to_every_peer(monkeypatch):
             exchange._live.remove(ex)
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("pad", [0, 3])
-def test_gathered_ring_attends_from_q_k_v_written_in_place(monkeypatch, pad):
+def test_gathered_ring_attends_from_q_k_v_written_in_place(monkeypatch, pad, early):
     """ring_gathered's in-place path (what ring_qkv_supplier sets up on GPUs): q/k/v written by the model into
     this rank's block of the exchange buffer are used where they lie, the peers' k/v arrive beside them, and
     the attention over them (padding keys left out) is full attention. Two ranks simulated in one process
-    over the fake world memory: the rank that sends first is checked after the other has sent."""
+    over the fake world memory: the rank that sends first is checked after the other has sent.
+    `early`: the model writes k and v, calls the kv-ready hook (ring_kv_ready), then writes q, as Flux's double
+    blocks do: k/v are at the peer before q is written, q never goes there, and the attention call takes that
+    transfer instead of starting another (one gather per call either way)."""
     from types import SimpleNamespace
 
     from comfy.taco_dit.parallel import exchange
     from comfy.taco_dit.parallel.sequence_parallel import TokenSplit, real_tokens, ring_blocks
-    from comfy.taco_dit.parallel.sp_attention import ring_gathered
+    from comfy.taco_dit.parallel.sp_attention import ring_gathered, ring_kv_ready
+
+    gathers = []
+    start_gather = exchange.SymmetricExchange.start_gather
+
+    def counted(self, region=None):
+        gathers.append(self)
+        return start_gather(self, region)
+
+    monkeypatch.setattr(exchange.SymmetricExchange, "start_gather", counted)
 
     heads, dim = 4, 8
     real = 16 - pad  # 13 tokens: 7 per rank, the last one padding
@@ -427,14 +440,22 @@ def test_gathered_ring_attends_from_q_k_v_written_in_place(monkeypatch, pad):
         for first in (0, 1):
             for me in (1 - first, first):  # the other rank writes and sends first; `first` then attends
                 own = groups[me]._exchanges[key].own_block()
-                for i, t in enumerate((q, k, v)):
-                    local = split.local(t, me, 2)  # [1, H, s, D], zero-padded
-                    own[:, :, i].copy_(local.transpose(1, 2))
+                peer = groups[1 - me]._exchanges[key].peers[1 - me][me]  # my block in the peer's buffer
+                peer.fill_(-1.0)
                 groups[me]._ring_kv_parity = 0
+                for i in (1, 2, 0):
+                    local = split.local((q, k, v)[i], me, 2)  # [1, H, s, D], zero-padded
+                    own[:, :, i].copy_(local.transpose(1, 2))
+                    if early and i == 2:
+                        ring_kv_ready(groups[me])(own)
+                        assert torch.equal(peer[:, :, 1:3], own[:, :, 1:3])
+                if early:
+                    assert bool((peer[:, :, 0] == -1).all())  # q was written after the transfer began
                 lq, lk, lv = own.permute(2, 0, 3, 1, 4).unbind(0)
                 out = ring_gathered(lq, lk, lv, groups[me], keep)
             want = split.local(ref, first, 2)[:, :, : min(s, real - first * s)]
             torch.testing.assert_close(out[:, :, : want.shape[2]], want, atol=1e-5, rtol=1e-5)
+        assert len(gathers) == 4 and all(getattr(g, "_early_kv", None) is None for g in groups)
     finally:
         for g in groups:
             exchange._live.remove(g._exchanges[key])

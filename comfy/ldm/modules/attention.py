@@ -20,6 +20,9 @@ Where packed q/k/v go: a model that writes q, k and v into one packed ``[B, L, 3
 ``qkv_buffer(transformer_options, shape, dtype, device)`` for it. An override may supply that buffer through
 ``transformer_options[QKV_BUFFER_KEY]`` (a callable taking shape, dtype and device, returning such a tensor
 or None): e.g. a slice of memory its peers read from, so the exchange needs no copy of this rank's part.
+Such an override may also set ``transformer_options[KV_READY_KEY]``, a callable taking that buffer: a model
+that can write k and v before q (Flux's double blocks) asks `kv_ready_hook` for it, writes k/v, calls it,
+then writes q, so the override can start moving k and v while q is still computed.
 Layouts: by default q/k/v are ``[B, L, H*D]`` and the result is ``[B, L, H*D]``. With
 ``skip_reshape=True`` inputs are already ``[B, H, L, D]`` (what the DiTs produce after qk-norm and RoPE);
 with ``skip_output_reshape=True`` the result stays ``[B, H, L, D]``.
@@ -40,6 +43,7 @@ OVERRIDE_KEY = "optimized_attention_override"
 # holds all text keys. Models pass `cross_attention_options(transformer_options)` for those calls.
 CROSS_ATTENTION_KEY = "attention_is_cross"
 QKV_BUFFER_KEY = "packed_qkv_buffer"
+KV_READY_KEY = "packed_qkv_kv_ready"
 
 
 def qkv_buffer(transformer_options: dict | None, shape: tuple, dtype: torch.dtype,
@@ -49,6 +53,12 @@ def qkv_buffer(transformer_options: dict | None, shape: tuple, dtype: torch.dtyp
     supply = transformer_options.get(QKV_BUFFER_KEY) if transformer_options else None
     buf = supply(tuple(shape), dtype, device) if supply is not None else None
     return buf if buf is not None else torch.empty(shape, dtype=dtype, device=device)
+
+
+def kv_ready_hook(transformer_options: dict | None) -> Callable | None:
+    """The override's "k and v of this packed buffer are written, q is not yet" callback, or None (then a model
+    writes q, k and v in whatever order suits it). See the module docstring."""
+    return transformer_options.get(KV_READY_KEY) if transformer_options else None
 
 
 def cross_attention_options(transformer_options: dict | None) -> dict:

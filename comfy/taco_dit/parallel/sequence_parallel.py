@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from comfy.ldm.flux.layers import MODULATION_KEY
 from comfy.ldm.modules.attention import (
     CROSS_ATTENTION_KEY,
+    KV_READY_KEY,
     OVERRIDE_KEY,
     QKV_BUFFER_KEY,
     materialize,
     run_side_work,
 )
 from comfy.taco_dit.parallel.mesh import GroupHandle, ParallelMesh
-from comfy.taco_dit.parallel.sp_attention import ring_mode, ring_qkv_supplier, usp_attention
+from comfy.taco_dit.parallel.sp_attention import ring_kv_ready, ring_mode, ring_qkv_supplier, usp_attention
 
 
 @dataclass
@@ -147,10 +148,13 @@ def make_attention_override(mesh: ParallelMesh, kv_keep):
 
 def install_attention(opts: dict, mesh: ParallelMesh, kv_keep) -> None:
     """Put the sequence-parallel attention into a forward's transformer options: the override, and under the
-    gathered ring (no Ulysses) the supplier of packed q/k/v buffers its exchange sends from in place."""
+    gathered ring (no Ulysses) the supplier of packed q/k/v buffers its exchange sends from in place, and the
+    hook that starts sending k/v before q is written (TACO_KV_EARLY=0 leaves it out, for measuring it)."""
     opts[OVERRIDE_KEY] = make_attention_override(mesh, kv_keep)
     if mesh.ulysses.size == 1 and mesh.ring.size > 1 and ring_mode() == "gather":
         opts[QKV_BUFFER_KEY] = ring_qkv_supplier(mesh.ring)
+        if os.environ.get("TACO_KV_EARLY", "1") != "0":
+            opts[KV_READY_KEY] = ring_kv_ready(mesh.ring)
 
 
 def _split_control(control, split: TokenSplit, rank: int):

@@ -104,6 +104,27 @@ def ring_qkv_supplier(ring: GroupHandle):
     return supply
 
 
+def _kv_region(block: torch.Tensor) -> torch.Tensor:
+    """k and v of a packed [B, S, 3, H, D] block."""
+    return block[:, :, 1:3]
+
+
+def ring_kv_ready(ring: GroupHandle):
+    """For `transformer_options[KV_READY_KEY]` (attention.py), beside `ring_qkv_supplier`: a model that wrote k
+    and v into the supplied block before q calls this, and their gather to the peers starts at once, by copy
+    engine, while q is computed (q's bytes are not part of the copy, so writing them meanwhile is safe).
+    `ring_gathered` then takes that transfer instead of starting its own. A buffer that is not the supplied
+    block (e.g. no symmetric memory) is left alone: the attention call moves it as usual."""
+
+    def ready(buf: torch.Tensor) -> None:
+        parity = getattr(ring, "_ring_kv_parity", 0)
+        ex = ring._exchanges.get((f"ring_qkv{parity}", tuple(buf.shape), buf.dtype, buf.device))
+        if hasattr(ex, "own_block") and ex.own_block().data_ptr() == buf.data_ptr():
+            ring._early_kv = (ex, ex.start_gather(_kv_region))
+
+    return ready
+
+
 def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work=None) -> torch.Tensor:
     """Ring attention with the keys gathered: this rank's k and v go to every rank of `ring` in one exchange
     while `side_work` runs; then one attention of the local queries over every rank's keys, in rank order.
@@ -126,7 +147,11 @@ def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work
         if not (hasattr(in_place, "own_block") and in_place.own_block().data_ptr() == packed.data_ptr()):
             in_place = None
     if in_place is not None:
-        pending = in_place.start_gather(lambda block: block[:, :, 1:3])
+        early, ring._early_kv = getattr(ring, "_early_kv", None), None
+        if early is not None and early[0] is in_place:
+            pending = early[1]  # started by the model's kv-ready call (ring_kv_ready)
+        else:
+            pending = in_place.start_gather(_kv_region)
         cols = 3
     else:
         kv = packed[:, :, 1:3] if packed is not None else torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=2)
