@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -735,6 +735,20 @@ if [ "$what" = s48 ]; then
   timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
     --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu.log" 2>&1
   grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' "$OUT/fork_4gpu.log" | grep -v Warning
+fi
+if [ "$what" = s49 ]; then
+  # ninth session: Flux 1024² on 2 GPUs (ring 2 gathered, CUDA graph) with TunableOp (TACO_TUNE_GEMM=1) or not, in
+  # the order 1, 0, 1, 0; beside it the 1-GPU baseline on GPU 2 (untuned) and GPU 3 (tuned)
+  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step.jsonl" 2>&1 | fj ) &
+  ( CUDA_VISIBLE_DEVICES=3 TACO_TUNE_GEMM=1 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step_tuned.jsonl" 2>&1 | fj ) &
+  for c in 1 0 1 0; do
+    echo "2 GPUs, TACO_TUNE_GEMM=$c"
+    CUDA_VISIBLE_DEVICES=0,1 TACO_TUNE_GEMM=$c timeout 120 torchrun --nproc_per_node=2 \
+      benchmarks/bench_flux_step.py --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_tune$c.jsonl" 2>&1 | fj
+  done
+  wait
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
