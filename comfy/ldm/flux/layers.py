@@ -221,8 +221,11 @@ class DoubleStreamBlock(nn.Module):
             self.txt_attn.q_rope(txt_in, txt_pe, qkv[:, :txt_len])
             self.img_attn.q_rope(img_in, img_pe, qkv[:, txt_len:])
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if silu_vec is None:  # supplied modulations: only views to take, nothing worth running beside an exchange
+            modulation_rest()
         attn = optimized_attention(q, k, v, heads, mask=attn_mask, skip_reshape=True,
-                                   transformer_options=transformer_options, side_work=(modulation_rest,))
+                                   transformer_options=transformer_options,
+                                   side_work=None if silu_vec is None else (modulation_rest,))
         txt_attn, img_attn = attn[:, :txt_len], attn[:, txt_len:]
         img_gate1, img_shift2, img_scale2, img_gate2 = later["img"]
         txt_gate1, txt_shift2, txt_scale2, txt_gate2 = later["txt"]
