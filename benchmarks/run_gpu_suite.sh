@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -754,7 +754,8 @@ if [ "$what" = s50 ]; then
   # ninth session: Flux 1024² on 2 GPUs (ring 2 gathered, CUDA graph): the double blocks' k/v sent before q
   # (TACO_KV_EARLY) x their attention split into own keys while the peer's travel + the peer's keys, merged
   # (TACO_RING_SPLIT), twice each in turn; the 1-GPU baseline beside on GPUs 2 and 3. Then the fork path (1 GPU
-  # on GPU 2, 2 GPUs, 4 GPUs) with the setting that was fastest here
+  # on GPU 2, 2 GPUs, 4 GPUs) with the setting that was fastest here (early k/v, no split; the split was then removed,
+  # so TACO_RING_SPLIT no longer exists)
   for g in 2 3; do ( CUDA_VISIBLE_DEVICES=$g timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
       --out "$OUT/step_gpu$g.jsonl" 2>&1 | fj ) & done
   for round in 1 2; do
@@ -780,6 +781,22 @@ PY
 )
   echo "fork path with $best"
   export $best
+  fork_1gpu_then_2gpu 2
+  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu.log" 2>&1
+  grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' "$OUT/fork_4gpu.log" | grep -v Warning
+fi
+if [ "$what" = s51 ]; then
+  # ninth session, the code as committed: Flux 1024² on 2 GPUs (automatic: ring 2 gathered, k/v sent before q)
+  # twice, the 1-GPU baseline beside on GPUs 2 and 3 (CUDA graphs); then the fork path: 1 GPU (GPU 2), 2 GPUs,
+  # 4 GPUs, three runs each, the third reported
+  for g in 2 3; do ( CUDA_VISIBLE_DEVICES=$g timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/step_gpu$g.jsonl" 2>&1 | fj ) & done
+  for round in 1 2; do
+    CUDA_VISIBLE_DEVICES=0,1 timeout 120 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 \
+      --graph --configs r2 --out "$OUT/step_2gpu.jsonl" 2>&1 | fj
+  done
+  wait
   fork_1gpu_then_2gpu 2
   timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
     --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu.log" 2>&1

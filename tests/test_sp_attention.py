@@ -394,30 +394,22 @@ def test_in_place_gather_sends_only_the_region_to_every_peer(monkeypatch):
             exchange._live.remove(ex)
 
 
-@pytest.mark.parametrize("split_mode", ["on", "off"])
 @pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("pad", [0, 3])
-def test_gathered_ring_attends_from_q_k_v_written_in_place(monkeypatch, pad, early, split_mode):
+def test_gathered_ring_attends_from_q_k_v_written_in_place(monkeypatch, pad, early):
     """ring_gathered's in-place path (what ring_qkv_supplier sets up on GPUs): q/k/v written by the model into
     this rank's block of the exchange buffer are used where they lie, the peers' k/v arrive beside them, and
     the attention over them (padding keys left out) is full attention. Two ranks simulated in one process
     over the fake world memory: the rank that sends first is checked after the other has sent.
     `early`: the model writes k and v, calls the kv-ready hook (ring_kv_ready), then writes q, as Flux's double
     blocks do: k/v are at the peer before q is written, q never goes there, and the attention call takes that
-    transfer instead of starting another (one gather per call either way).
-    `split_mode` (TACO_RING_SPLIT): with no side work and no padding the local queries attend to this rank's own
-    keys first (where they lie), then to the peer's, merged by log-sum-exp; off, or with padding, one attention
-    over all keys."""
+    transfer instead of starting another (one gather per call either way)."""
     from types import SimpleNamespace
 
-    from comfy.taco_dit.parallel import exchange, sp_attention
+    from comfy.taco_dit.parallel import exchange
     from comfy.taco_dit.parallel.sequence_parallel import TokenSplit, real_tokens, ring_blocks
     from comfy.taco_dit.parallel.sp_attention import ring_gathered, ring_kv_ready
 
-    monkeypatch.setenv("TACO_RING_SPLIT", split_mode)
-    lse_keys = []  # the keys of each attention-with-LSE call
-    with_lse = sp_attention.attention_with_lse
-    monkeypatch.setattr(sp_attention, "attention_with_lse", lambda q, k, v: lse_keys.append(k) or with_lse(q, k, v))
     gathers = []
     start_gather = exchange.SymmetricExchange.start_gather
 
@@ -461,13 +453,9 @@ def test_gathered_ring_attends_from_q_k_v_written_in_place(monkeypatch, pad, ear
                     assert bool((peer[:, :, 0] == -1).all())  # q was written after the transfer began
                 lq, lk, lv = own.permute(2, 0, 3, 1, 4).unbind(0)
                 out = ring_gathered(lq, lk, lv, groups[me], keep)
-                if split_mode == "on" and not pad:  # own keys where the model wrote them, then the peer's as arrived
-                    arrived = groups[me]._exchanges[key].peers[me][1 - me]
-                    assert [t.data_ptr() for t in lse_keys[-2:]] == [lk.data_ptr(), arrived[:, :, 1].data_ptr()]
             want = split.local(ref, first, 2)[:, :, : min(s, real - first * s)]
             torch.testing.assert_close(out[:, :, : want.shape[2]], want, atol=1e-5, rtol=1e-5)
         assert len(gathers) == 4 and all(getattr(g, "_early_kv", None) is None for g in groups)
-        assert len(lse_keys) == (8 if split_mode == "on" and not pad else 0)
     finally:
         for g in groups:
             exchange._live.remove(g._exchanges[key])
@@ -648,16 +636,3 @@ def test_returning_output_lands_in_head_order(monkeypatch, strided):
     finally:
         for ex in exs:
             exchange._live.remove(ex)
-
-
-def test_merge_two_gives_attention_over_both_key_blocks():
-    """merge_two of the attention over two key blocks (with their log-sum-exps) is the attention over all keys,
-    whichever block holds the larger scores (here the second block's keys are scaled up, so its weight is ~1)."""
-    from comfy.taco_dit.parallel.sp_attention import attention_with_lse, merge_two
-
-    q, k, v = _inputs(12, batch=1)
-    for scale in (1.0, 6.0):
-        k2 = torch.cat([k[:, :, :5], k[:, :, 5:] * scale], dim=2)
-        ref = F.scaled_dot_product_attention(q, k2, v)
-        got = merge_two(*attention_with_lse(q, k2[:, :, :5], v[:, :, :5]), *attention_with_lse(q, k2[:, :, 5:], v[:, :, 5:]))
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

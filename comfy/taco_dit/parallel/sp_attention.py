@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from comfy.ldm.modules.attention import attention_backend, materialize, run_side_work, sdpa
+from comfy.ldm.modules.attention import materialize, run_side_work, sdpa
 from comfy.taco_dit.parallel.exchange import whole_host
 from comfy.taco_dit.parallel.mesh import GroupHandle
 
@@ -36,35 +36,6 @@ def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     lse = torch.logsumexp(scores, dim=-1)
     return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype), lse
-
-
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output ([B, H, S, D], q's dtype) and its log-sum-exp per query ([B, H, S], fp32) on the kernel
-    `sdpa` takes for such inputs where it can give the LSE (cuDNN's on GPUs), else `_attention_with_lse`."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and attention_backend() == "cudnn":
-        try:
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)
-            return res[0], res[1].reshape(q.shape[:3]).float()
-        except RuntimeError:
-            pass
-    return _attention_with_lse(q, k, v)
-
-
-def merge_two(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
-    """The attention over two key blocks from the attention over each: the outputs weighted by their share of
-    the softmax mass, out2 + (out1 - out2) * sigmoid(lse1 - lse2), in one lerp (fp32 inside) in out1's dtype."""
-    w = torch.sigmoid(lse1 - lse2).unsqueeze(-1)
-    return torch.lerp(out2, out1, w.to(out1.dtype))
-
-
-def ring_split() -> bool:
-    """`TACO_RING_SPLIT=on` (default) / `off`: on two ranks, the gathered ring attends to this rank's own keys
-    while the peer's travel when the caller has no side work to hide them behind (Flux's double blocks), and
-    merges the two by log-sum-exp; off waits for the peer's keys and attends to all at once (for measuring)."""
-    want = os.environ.get("TACO_RING_SPLIT", "on").strip().lower() or "on"
-    if want not in ("on", "off"):
-        raise ValueError(f"TACO_RING_SPLIT={want!r}: use on or off")
-    return want == "on"
 
 
 def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,
@@ -163,11 +134,7 @@ def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work
     from there to the same place in the peers' buffers and nothing else moves. Otherwise k and v ([B, S, 2, H,
     D] per rank, a 2-D pitched region of packed q/k/v, sent without a copy) go by `GroupHandle.exchange`.
     Two exchange buffers alternate from call to call: a peer writes the next layer's k/v into the other one,
-    so it never overwrites keys this rank's attention may still be reading (exchange.py, reuse rule).
-
-    On two ranks with no `side_work` and no padding (`ring_split`), the local queries attend to this rank's own
-    keys while the peer's travel, then to the peer's, and the two merge by log-sum-exp (`merge_two`): Flux's
-    double blocks had nothing else to run there and sat idle 86 µs a layer waiting (call s47)."""
+    so it never overwrites keys this rank's attention may still be reading (exchange.py, reuse rule)."""
     p = ring.size
     k, v = materialize(k), materialize(v)
     b, h, s, d = q.shape
@@ -179,8 +146,6 @@ def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work
         in_place = ring._exchanges.get((f"ring_qkv{parity}", tuple(packed.shape), packed.dtype, packed.device))
         if not (hasattr(in_place, "own_block") and in_place.own_block().data_ptr() == packed.data_ptr()):
             in_place = None
-    # nothing to run while the keys travel: attend to this rank's own keys meanwhile (two ranks, no padding)
-    split = p == 2 and b == 1 and not side_work and ring_split() and (keep is None or all(x is None for x in keep))
     if in_place is not None:
         early, ring._early_kv = getattr(ring, "_early_kv", None), None
         if early is not None and early[0] is in_place:
@@ -192,16 +157,11 @@ def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work
         kv = packed[:, :, 1:3] if packed is not None else torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=2)
         ex = ring.exchange(f"ring_kv{parity}", (b, s, 2, h, d), kv.dtype, kv.device,
                            measured=b == 1 and whole_host(ring), arena=not whole_host(ring))
-        pending = ex.start(kv.unsqueeze(0).expand(p, *kv.shape), background=(bool(side_work) or split) and b == 1)
+        pending = ex.start(kv.unsqueeze(0).expand(p, *kv.shape), background=bool(side_work) and b == 1)
         cols = 2
     run_side_work([step for part in _split_side_work(side_work) for step in part])
-    local = attention_with_lse(q, k, v) if split else None
     recv = pending.wait()  # [P, B, S, cols, H, D], rank r's block r
     full = recv.view(1, p * s, cols, h, d) if b == 1 else recv.transpose(0, 1).reshape(b, p * s, cols, h, d)
-    if split:
-        peer = 1 - ring.rank_in_group
-        pk, pv = full[:, peer * s:(peer + 1) * s, cols - 2:].permute(2, 0, 3, 1, 4).unbind(0)
-        return merge_two(*local, *attention_with_lse(q, pk, pv))
     k_all, v_all = full[:, :, cols - 2:].permute(2, 0, 3, 1, 4).unbind(0)
     if keep is not None and any(idx is not None for idx in keep):
         every = torch.arange(s, device=q.device)
