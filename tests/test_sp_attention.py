@@ -107,6 +107,17 @@ def test_ring_mode_setting(monkeypatch):
         ring_mode()
 
 
+def test_ulysses_return_setting(monkeypatch):
+    from comfy.taco_dit.parallel.sp_attention import _return_interleaved
+
+    for value, want in (("", True), ("slots", True), ("blocks", False)):
+        monkeypatch.setenv("TACO_ULYSSES_RETURN", value)
+        assert _return_interleaved() is want
+    monkeypatch.setenv("TACO_ULYSSES_RETURN", "heads")
+    with pytest.raises(ValueError, match="use slots or blocks"):
+        _return_interleaved()
+
+
 def _deferred_worker(rank, world, ulysses, ring, seq, pad, batch, chunks=1):
     """q as a tensor, k and v deferred (callables), as Wan's self-attention passes them; records the order of
     exchanges started and deferred inputs computed."""
