@@ -42,6 +42,21 @@ fork_1gpu_then_2gpu() {
     --steps 20 --runs 3 --tag auto2 --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png \
     --out "$OUT/e2e.jsonl" > "$OUT/fork_2gpu.log" 2>&1; fk < "$OUT/fork_2gpu.log"
 }
+# ninth session: the Flux 1024² step (CUDA graph) on 1 GPU in the background ($1: GPU, $2: output file, then
+# VAR=value settings; `wait` for it), and on 2 GPUs (0-1, ring 2 gathered; $1: output file, then settings)
+flux_1gpu_bg() { local gpu=$1 out=$2; shift 2
+  ( env CUDA_VISIBLE_DEVICES="$gpu" "$@" timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --out "$OUT/$out" 2>&1 | fj ) & }
+flux_r2() { local out=$1; shift
+  echo "2 GPUs${*:+, $*}"
+  env CUDA_VISIBLE_DEVICES=0,1 "$@" timeout 120 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py \
+    --sizes 1024 --graph --configs r2 --out "$OUT/$out" 2>&1 | fj; }
+# the fork path on 4 GPUs after fork_1gpu_then_2gpu (three runs, compared with its 1-GPU PNG)
+fork_4gpu_after() {
+  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
+    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu.log" 2>&1
+  grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' "$OUT/fork_4gpu.log" | grep -v Warning
+}
 if [ "$what" = speed ]; then
   ( CUDA_VISIBLE_DEVICES=0 python3 benchmarks/probe_attention.py --out "$OUT/attention.jsonl" 2>&1 | filter
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_flux_step.py --sizes 1024 2048 --graph --attention sdpa cudnn \
@@ -644,13 +659,8 @@ if [ "$what" = s44 ]; then
   # eighth session: Flux 1024² steps with the blocks' modulations computed once over the ranks and gathered
   # (TACO_SHARED_MODULATION=1, default) or on every rank (0): on 2 GPUs (ring 2 gathered, the 1-GPU baseline
   # beside on GPU 2) in the order 1, 0, 1, then on 4 GPUs (Ulysses 4) 1, 0; CUDA graphs
-  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | fj ) &
-  for c in 1 0 1; do
-    echo "2 GPUs, TACO_SHARED_MODULATION=$c"
-    CUDA_VISIBLE_DEVICES=0,1 TACO_SHARED_MODULATION=$c timeout 120 torchrun --nproc_per_node=2 \
-      benchmarks/bench_flux_step.py --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_mod$c.jsonl" 2>&1 | fj
-  done
+  flux_1gpu_bg 2 step.jsonl
+  for c in 1 0 1; do flux_r2 "step_2gpu_mod$c.jsonl" TACO_SHARED_MODULATION=$c; done
   wait
   for c in 1 0; do
     echo "4 GPUs, TACO_SHARED_MODULATION=$c"
@@ -723,31 +733,18 @@ if [ "$what" = s48 ]; then
   # ninth session: Flux 1024² on 2 GPUs with the double blocks' k/v sent before q is computed (TACO_KV_EARLY=1,
   # default) or not (0), in the order 1, 0, 1, the 1-GPU baseline beside on GPU 2 (CUDA graphs); then the fork path
   # (1 GPU on GPU 2, then 2 GPUs, then 4 GPUs; three runs each, the third reported, PNGs against 1 GPU's)
-  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | fj ) &
-  for c in 1 0 1; do
-    echo "2 GPUs, TACO_KV_EARLY=$c"
-    CUDA_VISIBLE_DEVICES=0,1 TACO_KV_EARLY=$c timeout 120 torchrun --nproc_per_node=2 \
-      benchmarks/bench_flux_step.py --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_early$c.jsonl" 2>&1 | fj
-  done
+  flux_1gpu_bg 2 step.jsonl
+  for c in 1 0 1; do flux_r2 "step_2gpu_early$c.jsonl" TACO_KV_EARLY=$c; done
   wait
   fork_1gpu_then_2gpu 2
-  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu.log" 2>&1
-  grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' "$OUT/fork_4gpu.log" | grep -v Warning
+  fork_4gpu_after
 fi
 if [ "$what" = s49 ]; then
   # ninth session: Flux 1024² on 2 GPUs (ring 2 gathered, CUDA graph) with TunableOp (TACO_TUNE_GEMM=1) or not, in
   # the order 1, 0, 1, 0; beside it the 1-GPU baseline on GPU 2 (untuned) and GPU 3 (tuned)
-  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step.jsonl" 2>&1 | fj ) &
-  ( CUDA_VISIBLE_DEVICES=3 TACO_TUNE_GEMM=1 timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step_tuned.jsonl" 2>&1 | fj ) &
-  for c in 1 0 1 0; do
-    echo "2 GPUs, TACO_TUNE_GEMM=$c"
-    CUDA_VISIBLE_DEVICES=0,1 TACO_TUNE_GEMM=$c timeout 120 torchrun --nproc_per_node=2 \
-      benchmarks/bench_flux_step.py --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_tune$c.jsonl" 2>&1 | fj
-  done
+  flux_1gpu_bg 2 step.jsonl
+  flux_1gpu_bg 3 step_tuned.jsonl TACO_TUNE_GEMM=1
+  for c in 1 0 1 0; do flux_r2 "step_2gpu_tune$c.jsonl" TACO_TUNE_GEMM=$c; done
   wait
 fi
 if [ "$what" = s50 ]; then
@@ -756,15 +753,11 @@ if [ "$what" = s50 ]; then
   # (TACO_RING_SPLIT), twice each in turn; the 1-GPU baseline beside on GPUs 2 and 3. Then the fork path (1 GPU
   # on GPU 2, 2 GPUs, 4 GPUs) with the setting that was fastest here (early k/v, no split; the split was then removed,
   # so TACO_RING_SPLIT no longer exists)
-  for g in 2 3; do ( CUDA_VISIBLE_DEVICES=$g timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step_gpu$g.jsonl" 2>&1 | fj ) & done
+  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
   for round in 1 2; do
     for c in "1 off" "0 on" "1 on"; do
       set -- $c
-      echo "2 GPUs, TACO_KV_EARLY=$1 TACO_RING_SPLIT=$2"
-      CUDA_VISIBLE_DEVICES=0,1 TACO_KV_EARLY=$1 TACO_RING_SPLIT=$2 timeout 120 torchrun --nproc_per_node=2 \
-        benchmarks/bench_flux_step.py --sizes 1024 --graph --configs r2 --out "$OUT/step_2gpu_early$1_split$2.jsonl" \
-        2>&1 | fj
+      flux_r2 "step_2gpu_early$1_split$2.jsonl" TACO_KV_EARLY=$1 TACO_RING_SPLIT=$2
     done
   done
   wait
@@ -782,25 +775,17 @@ PY
   echo "fork path with $best"
   export $best
   fork_1gpu_then_2gpu 2
-  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu.log" 2>&1
-  grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' "$OUT/fork_4gpu.log" | grep -v Warning
+  fork_4gpu_after
 fi
 if [ "$what" = s51 ]; then
   # ninth session, the code as committed: Flux 1024² on 2 GPUs (automatic: ring 2 gathered, k/v sent before q)
   # twice, the 1-GPU baseline beside on GPUs 2 and 3 (CUDA graphs); then the fork path: 1 GPU (GPU 2), 2 GPUs,
   # 4 GPUs, three runs each, the third reported
-  for g in 2 3; do ( CUDA_VISIBLE_DEVICES=$g timeout 200 python3 benchmarks/bench_flux_step.py --sizes 1024 --graph \
-      --out "$OUT/step_gpu$g.jsonl" 2>&1 | fj ) & done
-  for round in 1 2; do
-    CUDA_VISIBLE_DEVICES=0,1 timeout 120 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py --sizes 1024 \
-      --graph --configs r2 --out "$OUT/step_2gpu.jsonl" 2>&1 | fj
-  done
+  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
+  for round in 1 2; do flux_r2 step_2gpu.jsonl; done
   wait
   fork_1gpu_then_2gpu 2
-  timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
-    --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu.log" 2>&1
-  grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' "$OUT/fork_4gpu.log" | grep -v Warning
+  fork_4gpu_after
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
