@@ -73,7 +73,23 @@ def idle_gaps(events: list[tuple[str, float, float]], top: int, min_us: float = 
     return [{"after": a, "before": b, "ms": round(v[0], 3), "count": v[1]} for (a, b), v in ranked]
 
 
-def profile_once(fn, top: int) -> dict:
+def timeline(events: list[tuple[str, float, float, int]], around: list[int]) -> list[list[dict]]:
+    """Every GPU event (kernels, memcpys, memsets) from the start of attention call a-1 to the start of attention
+    call a, for each a in `around` (0-based: for Flux, the 19 double blocks' attentions come first): one layer in
+    order, with start and duration in µs from that window's start and the stream, to see what sits in the gaps."""
+    events = sorted(events, key=lambda e: e[1])
+    starts = [e[1] for e in events if category(e[0]) == "attention"]
+    windows = []
+    for a in around:
+        if not 1 <= a < len(starts):
+            continue
+        t0, t1 = starts[a - 1], starts[a]
+        windows.append([{"name": n[:60], "start_us": round(st - t0, 1), "us": round(en - st, 1), "stream": sid}
+                        for n, st, en, sid in events if t0 <= st < t1])
+    return windows
+
+
+def profile_once(fn, top: int, around: list[int] | None = None) -> dict:
     with torch.inference_mode():
         for _ in range(3):
             fn()
@@ -90,6 +106,7 @@ def profile_once(fn, top: int) -> dict:
     spans: list[tuple[float, float]] = []
     compute_spans: list[tuple[float, float]] = []
     sm_events: list[tuple[str, float, float]] = []
+    all_events: list[tuple[str, float, float, int]] = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels.setdefault(ev.name, [0.0, 0])
@@ -101,6 +118,7 @@ def profile_once(fn, top: int) -> dict:
                 compute_spans.append(span)
             if not ev.name.startswith(("Memcpy", "Memset")):
                 sm_events.append((ev.name, *span))
+            all_events.append((ev.name, *span, int(getattr(ev, "device_resource_id", -1) or -1)))
     totals: dict[str, float] = {}
     for name, (ms, _) in kernels.items():
         totals[category(name)] = totals.get(category(name), 0.0) + ms
@@ -113,6 +131,7 @@ def profile_once(fn, top: int) -> dict:
             "kernels": sum(int(v[1]) for v in kernels.values()),
             "sm_idle_ms": round(sum(g["ms"] for g in idle_gaps(sm_events, 10 ** 6)), 2),
             "idle_gaps": idle_gaps(sm_events, top),
+            **({"timeline": timeline(all_events, around)} if around else {}),
             "top": [{"kernel": k[:120], "ms": round(v[0], 3), "calls": v[1]} for k, v in ranked]}
 
 
@@ -123,6 +142,8 @@ def main() -> None:
     p.add_argument("--config", default="", help="uN / rN / uNrM under torchrun")
     p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay instead of eager")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--timeline", type=int, nargs="*", default=[],
+                   help="attention call numbers: list every GPU event of the layer before each (see `timeline`)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile.jsonl"))
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -162,7 +183,7 @@ def main() -> None:
             fn = lambda: call(*batch)  # noqa: E731
         rec = {"model": args.model, "size": size or "832x480x81", "card": card(), "gpus": world, "rank": rank,
                "config": args.config or None, "mode": "cuda_graph" if args.graph else "eager",
-               **profile_once(fn, args.top)}
+               **profile_once(fn, args.top, args.timeline)}
         if rank != 0:
             rec["top"] = rec["top"][:8]
         print(json.dumps(rec), flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -786,6 +786,26 @@ if [ "$what" = s51 ]; then
   wait
   fork_1gpu_then_2gpu 2
   fork_4gpu_after
+fi
+if [ "$what" = s52 ]; then
+  # prepared in the ninth session for the next (not run yet): what fills the 7-9 µs gaps before GEMMs in a Flux
+  # 1024² step (cuBLAS memsets?) on 1 GPU (GPU 2) and on 2 GPUs (0-1, ring 2 gathered): CUDA-graph profiles with
+  # the idle gaps and every event of a double block (attention 5) and a single block (attention 30) in order
+  CUDA_VISIBLE_DEVICES=2 timeout 150 python3 benchmarks/profile_flux_step.py --sizes 1024 --graph --top 30 \
+    --timeline 5 30 --out "$OUT/profile.jsonl" > "$OUT/profile_1gpu.log" 2>&1; echo "1gpu rc=$?"
+  CUDA_VISIBLE_DEVICES=0,1 timeout 150 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py --sizes 1024 \
+    --config r2 --graph --top 30 --timeline 5 30 --out "$OUT/profile.jsonl" > "$OUT/profile_r2.log" 2>&1
+  echo "r2 rc=$?"
+  python3 - "$OUT/profile.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("gpus", r["gpus"], "rank", r["rank"], "step", r["step_ms"], "busy", r["gpu_busy_ms"], "sm idle", r.get("sm_idle_ms"))
+    for g in r.get("idle_gaps", [])[:8]:
+        print("   ", g)
+    for window in r.get("timeline", []) if r["rank"] == 0 else []:
+        print("   layer:", " | ".join(f"{e['start_us']}+{e['us']} s{e['stream']} {e['name'][:28]}" for e in window))
+PY
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
