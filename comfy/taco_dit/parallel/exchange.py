@@ -18,7 +18,8 @@ overlapped work (an NCCL all-to-all occupies SMs of its own).
 Reuse of a symmetric receive buffer: a peer writes into it as soon as it has passed the barrier of the
 group's previous exchange. So a rank must have read one exchange's data before it enters the group's next
 barrier. Ulysses does (the q/k/v exchange is read by the attention before the output goes back, the output
-is read by the interleave before the next layer's q/k/v go out). When one exchange object is used twice
+is read by the interleave, or where it arrived in head order (`start(interleave=True)`) by the layer's output
+projection, before the next layer's q/k/v go out). When one exchange object is used twice
 in a row, it adds a barrier before the writes, which makes the reuse safe in every order.
 `TACO_A2A=auto|nccl|symm` chooses the transport (see `transport`).
 """
