@@ -328,18 +328,17 @@ class SymmetricExchange:
         if memcpy2d is None or len(block) < 3:
             return None
         lead, tail = block[:-2], block[-2:]
-        width = tail[0] * tail[1]
-        src_rows = []
+        rows, width = math.prod(lead), tail[0] * tail[1]
+        src_rows = []  # each block's row pitch
         for r in range(p):
             src = blocks[r]
             if src.is_contiguous():
                 src_rows.append(width)
                 continue
             shape = pitched_rows(src)
-            if shape is None or shape[:2] != (math.prod(lead), width):
+            if shape is None or shape[:2] != (rows, width):
                 return None
             src_rows.append(shape[2])
-        rows = math.prod(lead)
         main = torch.cuda.current_stream(blocks.device) if blocks.is_cuda else None  # host memory: tests
         streams = []
         for lane, r in enumerate(sorted(range(p), key=lambda r: r == self.rank)):  # peers first
