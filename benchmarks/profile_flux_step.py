@@ -191,10 +191,8 @@ def main() -> None:
             f.write(json.dumps(rec) + "\n")
     if dist.is_initialized():
         from comfy.taco_dit.parallel.exchange import release_all
-        from comfy.taco_dit.utils.cuda_graph import release_all_graphs
 
-        release_all_graphs()  # graphs first (they hold symmetric buffers), or the exit hangs (call s46: 200 s)
-        release_all()
+        release_all()  # graphs, then symmetric buffers, or the exit hangs (call s46: 200 s)
         dist.destroy_process_group()
 
 

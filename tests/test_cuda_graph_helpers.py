@@ -113,3 +113,16 @@ def test_release_all_graphs_drops_every_live_wrappers_graphs():
     assert release_all_graphs() >= 3
     assert a.graphs == {} and b.graphs == {} and not a.failed
     assert release_all_graphs() == 0
+
+
+def test_exchange_release_all_drops_the_graphs_first(monkeypatch):
+    """exchange.release_all (what teardown and the benchmarks call) drops captured graphs before any symmetric
+    buffer, with or without symmetric exchanges: graphs hold captured NCCL work and those buffers."""
+    from comfy.taco_dit.parallel import exchange
+    from comfy.taco_dit.utils import cuda_graph
+
+    calls = []
+    monkeypatch.setattr(cuda_graph, "release_all_graphs", lambda: calls.append("graphs") or 0)
+    monkeypatch.setattr(exchange, "_live", [])
+    exchange.release_all()
+    assert calls == ["graphs"]

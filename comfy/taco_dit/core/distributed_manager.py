@@ -219,12 +219,8 @@ class DistributedManager:
         def teardown():
             try:
                 from comfy.taco_dit.parallel.exchange import release_all
-                from comfy.taco_dit.utils.cuda_graph import release_all_graphs
 
-                # graphs first: they hold captured NCCL work and symmetric buffers (the 4-GPU fork runs still
-                # waited out the timeout here with the model's and the VAE decode's graphs alive)
-                release_all_graphs()
-                release_all()
+                release_all()  # the captured CUDA graphs, then the symmetric buffers
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - teardown after a lost rank can fail; the process is exiting
                 log.debug("destroy_process_group failed", exc_info=True)

@@ -40,10 +40,15 @@ _live: list = []  # every SymmetricExchange built, so release_all() can free the
 
 def release_all() -> None:
     """Free every symmetric-memory buffer before the process group goes (destroy_process_group): processes
-    that left them to interpreter teardown hung at exit in our 4-GPU runs. A no-op without any.
+    that left them to interpreter teardown hung at exit in our 4-GPU runs. The captured CUDA graphs go first
+    (`cuda_graph.release_all_graphs`): they hold captured NCCL work and these buffers, and with them alive the
+    4-GPU fork runs still waited out the teardown timeout. A no-op without either.
 
     No barrier: once this GPU has finished its work, every write a peer made into these buffers has landed
     (each exchange's barrier follows the writes), and this rank's own writes have too."""
+    from comfy.taco_dit.utils.cuda_graph import release_all_graphs
+
+    release_all_graphs()
     if not _live:
         return
     torch.cuda.synchronize()
