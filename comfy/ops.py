@@ -12,8 +12,6 @@ Two families, chosen per model by `pick_operations`:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -57,32 +55,38 @@ def _layer_weight(layer: torch.nn.Module, x: torch.Tensor):
     return layer.weight, layer.bias
 
 
-def _pitched_rows(t: torch.Tensor, features: int) -> torch.Tensor | None:
-    """`t` ([..., features] in any trailing shape) as a [rows, features] matrix view: rows of `features`
-    contiguous elements at one pitch, which a GEMM can write directly (its leading dimension). None where
-    the rows are not evenly spaced (e.g. a column slice of a batched buffer)."""
+def pitched_rows(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(rows, row width, row pitch), in elements, when `t` is rows of one contiguous run each at one fixed
+    stride (a 2-D pitched region, e.g. one destination's heads of a packed [S, 3, H, D] q/k/v buffer: 3*S
+    rows of hp*D elements, H*D apart), else None (also for a contiguous tensor, or single-element rows)."""
+    dims = [(n, st) for n, st in zip(t.shape, t.stride()) if n != 1]
+    if not dims:
+        return None
+    width, expect = 1, 1
+    while dims and dims[-1][1] == expect:  # the contiguous inner run
+        n, _ = dims.pop()
+        width *= n
+        expect = width
+    if not dims or width == 1:
+        return None  # contiguous (a plain copy), or no contiguous run to move per row
+    rows, pitch = dims[-1]
+    for n, st in reversed(dims[:-1]):
+        if st != pitch * rows:
+            return None
+        rows *= n
+    return rows, width, pitch
+
+
+def _matrix_rows(t: torch.Tensor, features: int) -> torch.Tensor | None:
+    """`t` ([..., features] in any trailing shape) as a [rows, features] matrix view a GEMM can write directly
+    (its leading dimension): contiguous, or rows of `features` contiguous elements at one pitch of at least
+    `features` (`pitched_rows`). None otherwise (e.g. a column slice of a batched buffer)."""
     if t.is_contiguous():
         return t.view(-1, features)
-    split, size = t.ndim, 1
-    while split > 0 and size < features:
-        split -= 1
-        size *= t.shape[split]
-    if size != features or any(st != want for n, st, want in zip(t.shape[split:], t.stride()[split:],
-                                                                  _contiguous_strides(t.shape[split:])) if n != 1):
+    shape = pitched_rows(t)
+    if shape is None or shape[1] != features or shape[2] < features:
         return None
-    lead = [(n, st) for n, st in zip(t.shape[:split], t.stride()[:split]) if n != 1]
-    pitch = lead[-1][1] if lead else features
-    if pitch < features or any(st != n_next * st_next for (_, st), (n_next, st_next) in zip(lead, lead[1:])):
-        return None
-    return t.as_strided((math.prod(n for n, _ in lead), features), (pitch, 1))
-
-
-def _contiguous_strides(shape) -> tuple:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
+    return t.as_strided((shape[0], features), (shape[2], 1))
 
 
 def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool,
@@ -95,7 +99,7 @@ def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: 
     if out is not None:
         if gelu:
             raise ValueError("out= is for a plain linear layer, not one with the GELU fused")
-        x2, o2 = x.reshape(-1, x.shape[-1]), _pitched_rows(out, w.shape[0])
+        x2, o2 = x.reshape(-1, x.shape[-1]), _matrix_rows(out, w.shape[0])
         if o2 is None:  # a layout cuBLAS cannot write: compute, then copy in
             out.copy_(_linear_act(x, w, b, False).view(out.shape))
             return out

@@ -44,3 +44,28 @@ def test_linear_cols_refuses_a_slice_of_the_wrong_width():
     layer = _layer(ops.disable_weight_init, 6, 4)
     with pytest.raises(ValueError, match="column slice"):
         ops.linear_cols(layer, torch.randn(1, 2, 3), 0, 4)
+
+
+@torch.no_grad()  # as the models run: out= takes no autograd
+def test_linear_rows_writes_into_out_where_it_lies():
+    """linear_rows(out=): into a contiguous tensor, into rows at a pitch (k and v of a packed [1, L, 3, H, D]
+    buffer: the GEMM writes there directly, leaving q alone), and into a layout no GEMM can write (a column
+    slice of a batched buffer: computed, then copied in). Each returns `out`, holding the layer's output."""
+    layer = _layer(ops.disable_weight_init, 8, 24)
+    x = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(2))
+    full = layer(x)  # [1, 5, 24] = q, k, v of 2 heads x 4 dims
+    flat = torch.empty(1, 5, 16)
+    assert ops.linear_rows(layer, x, 8, 24, out=flat) is flat
+    torch.testing.assert_close(flat, full[..., 8:], rtol=1e-6, atol=1e-6)
+    packed = torch.full((1, 5, 3, 2, 4), -1.0)
+    kv = packed[:, :, 1:3]
+    assert ops._matrix_rows(kv, 16).data_ptr() == kv.data_ptr()  # written in place, not through a copy
+    assert ops.linear_rows(layer, x, 8, 24, out=kv) is kv
+    torch.testing.assert_close(kv.reshape(1, 5, 16), full[..., 8:], rtol=1e-6, atol=1e-6)
+    assert bool((packed[:, :, 0] == -1).all())
+    assert ops._matrix_rows(torch.full((5, 2, 16), -1.0)[:, 0], 16) is not None  # rows 32 apart
+    cols = torch.full((5, 32), -1.0)[:, ::2]  # every other column: no matrix view
+    assert ops._matrix_rows(cols, 16) is None
+    assert ops.linear_rows(layer, x[0], 8, 24, out=cols) is cols
+    torch.testing.assert_close(cols, full[0, :, 8:], rtol=1e-6, atol=1e-6)
+    assert ops._matrix_rows(torch.zeros(16).expand(5, 16), 16) is None  # rows on top of each other

@@ -34,6 +34,8 @@ import os
 
 import torch
 
+from comfy.ops import pitched_rows
+
 _warned: set[str] = set()
 _live: list = []  # every SymmetricExchange built, so release_all() can free their buffers before teardown
 
@@ -169,28 +171,6 @@ def _memcpy2d():
                 fn = None
         _memcpy2d_fn.append(fn)
     return _memcpy2d_fn[0]
-
-
-def pitched_rows(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(rows, row width, row pitch), in elements, when `t` is rows of one contiguous run each at one fixed
-    stride (a 2-D pitched region, e.g. one destination's heads of a packed [S, 3, H, D] q/k/v buffer: 3*S
-    rows of hp*D elements, H*D apart), else None (also for a contiguous tensor, or single-element rows)."""
-    dims = [(n, st) for n, st in zip(t.shape, t.stride()) if n != 1]
-    if not dims:
-        return None
-    width, expect = 1, 1
-    while dims and dims[-1][1] == expect:  # the contiguous inner run
-        n, _ = dims.pop()
-        width *= n
-        expect = width
-    if not dims or width == 1:
-        return None  # contiguous (a plain copy), or no contiguous run to move per row
-    rows, pitch = dims[-1]
-    for n, st in reversed(dims[:-1]):
-        if st != pitch * rows:
-            return None
-        rows *= n
-    return rows, width, pitch
 
 
 def _copy2d(memcpy2d, stream, dst: torch.Tensor, dst_pitch: int, src: torch.Tensor, src_pitch: int, width: int,
