@@ -149,8 +149,10 @@ def run_single(args) -> None:
                 graphed = CUDAGraphCallable(lambda a, b, c, d, e: model(a, b, c, y=d, guidance=e))
                 with torch.inference_mode():
                     ms = time_fn(lambda: graphed(x, t, ctx, y, g), args.warmup, args.iters)
+                    vs_eager = (graphed(x, t, ctx, y, g).float() - out.float()).abs().max().item()
                 emit(args.out, {"impl": "taco-dit", "mode": "cuda_graph", "attention": backend, "fused": fused_label(), "gpus": 1,
-                                "size": size, "step_ms": round(ms, 2), "card": card()})
+                                "size": size, "step_ms": round(ms, 2), "max_abs_diff_vs_eager": vs_eager,
+                                "graph_memsets": os.environ.get("TACO_GRAPH_MEMSETS", "kernel"), "card": card()})
                 del graphed
             if args.compile:
                 compiled = torch.compile(model)

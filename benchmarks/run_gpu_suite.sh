@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -788,9 +788,14 @@ if [ "$what" = s51 ]; then
   fork_4gpu_after
 fi
 if [ "$what" = s52 ]; then
-  # prepared in the ninth session for the next (not run yet): what fills the 7-9 µs gaps before GEMMs in a Flux
-  # 1024² step (cuBLAS memsets?) on 1 GPU (GPU 2) and on 2 GPUs (0-1, ring 2 gathered): CUDA-graph profiles with
-  # the idle gaps and every event of a double block (attention 5) and a single block (attention 30) in order
+  # prepared in the ninth session, run in the tenth: what fills the 7-9 µs gaps before GEMMs in a Flux 1024² step
+  # (cuBLAS memsets?) on 1 GPU (GPU 2) and on 2 GPUs (0-1, ring 2 gathered): CUDA-graph profiles with the idle
+  # gaps and every event of a double block (attention 5) and a single block (attention 30) in order; beside them
+  # on GPU 3, one block's GEMMs in a CUDA graph under cuBLAS settings (probe_gemm_gaps.py), three workspace sizes
+  ( for ws in "" 1024 131072; do
+      env ${ws:+CUBLASLT_WORKSPACE_SIZE=$ws} CUDA_VISIBLE_DEVICES=3 timeout 100 python3 benchmarks/probe_gemm_gaps.py \
+        --out "$OUT/gemm_gaps.jsonl" 2>&1 | fj
+    done > "$OUT/gemm_gaps.log" ) &
   CUDA_VISIBLE_DEVICES=2 timeout 150 python3 benchmarks/profile_flux_step.py --sizes 1024 --graph --top 30 \
     --timeline 5 30 --out "$OUT/profile.jsonl" > "$OUT/profile_1gpu.log" 2>&1; echo "1gpu rc=$?"
   CUDA_VISIBLE_DEVICES=0,1 timeout 150 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py --sizes 1024 \
@@ -806,6 +811,75 @@ for line in open(sys.argv[1]):
     for window in r.get("timeline", []) if r["rank"] == 0 else []:
         print("   layer:", " | ".join(f"{e['start_us']}+{e['us']} s{e['stream']} {e['name'][:28]}" for e in window))
 PY
+  wait
+  python3 - "$OUT/gemm_gaps.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print({k: r.get(k) for k in ("rows", "variant", "workspace_env", "graph_ms_per_block", "kernel_ms_per_block",
+                                 "memsets_per_block", "sm_idle_ms_per_block", "memsets_replaced",
+                                 "largest_memset_bytes", "max_abs_diff_vs_eager")}, r["gaps"][:3])
+PY
+fi
+if [ "$what" = s53 ]; then
+  # tenth session: (1) the memset nodes of captured graphs turned into kernel nodes (graph_memsets.py), on one
+  # block's GEMMs (probe_gemm_gaps.py, GPU 3; checked against eager); (2) the Flux 1024² step on 1 GPU with the
+  # memsets as kernels (GPU 2) and kept (GPU 3, TACO_GRAPH_MEMSETS=keep) in the background, and on 2 GPUs (0-1, ring
+  # 2): default (kernels; the double blocks' q/k/v GEMMs into a contiguous output), memsets kept, the GEMMs into the
+  # packed slots as before (TACO_KV_SLOTS_GEMM=1), default again; (3) profiles of the default on 1 and 2 GPUs
+  CUDA_VISIBLE_DEVICES=3 timeout 120 python3 benchmarks/probe_gemm_gaps.py --out "$OUT/gemm_gaps.jsonl" 2>&1 | fj
+  flux_1gpu_bg 2 step_kernel.jsonl
+  flux_1gpu_bg 3 step_keep.jsonl TACO_GRAPH_MEMSETS=keep
+  flux_r2 step_2gpu_a.jsonl
+  flux_r2 step_2gpu_keep.jsonl TACO_GRAPH_MEMSETS=keep
+  flux_r2 step_2gpu_slots.jsonl TACO_KV_SLOTS_GEMM=1
+  flux_r2 step_2gpu_b.jsonl
+  wait
+  ( CUDA_VISIBLE_DEVICES=2 timeout 150 python3 benchmarks/profile_flux_step.py --sizes 1024 --graph --top 30 \
+      --out "$OUT/profile.jsonl" > "$OUT/profile_1gpu.log" 2>&1 ) &
+  CUDA_VISIBLE_DEVICES=0,1 timeout 150 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py --sizes 1024 \
+    --config r2 --graph --top 30 --out "$OUT/profile.jsonl" > "$OUT/profile_r2.log" 2>&1
+  wait
+  python3 - "$OUT/profile.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("gpus", r["gpus"], "rank", r["rank"], "step", r["step_ms"], "busy", r["compute_busy_ms"], "sm idle",
+          r.get("sm_idle_ms"), {k: v for k, v in r["gpu_ms_by_category"].items() if k != "collective"})
+    for g in r.get("idle_gaps", [])[:6]:
+        print("   ", g)
+PY
+fi
+if [ "$what" = s54 ]; then
+  # tenth session: the graph memset rewrite's GPU tests; then Flux 1024² on 2 GPUs (0-1, ring 2, CUDA graph) with
+  # the memsets as kernel nodes (default) or kept (TACO_GRAPH_MEMSETS=keep), in the order kernel, keep, kernel,
+  # keep, the 1-GPU step beside on GPUs 2 and 3; then the fork path (1 GPU on GPU 2, 2 GPUs, 4 GPUs)
+  CUDA_VISIBLE_DEVICES=3 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_memsets_gpu.py \
+    2>&1 | tail -5
+  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
+  for m in kernel keep kernel keep; do flux_r2 "step_2gpu_$m.jsonl" TACO_GRAPH_MEMSETS=$m; done
+  wait
+  fork_1gpu_then_2gpu 2
+  fork_4gpu_after
+fi
+if [ "$what" = s55 ]; then
+  # tenth session: (1) beside each other: the Flux 1024² 1-GPU step with the graph memsets as kernels and kept, in
+  # crossed order on GPUs 2 (kernel, keep) and 3 (keep, kernel); the Wan 14B guided 1-GPU baseline on GPU 0; the
+  # Flux 2048² 1-GPU fork path on GPU 1 (two runs, the second reported); (2) Wan CFG 2 x Ulysses 2 on 4 GPUs;
+  # (3) the Flux 2048² fork path on 4 GPUs, compared with the 1-GPU PNG
+  ( for m in kernel keep; do flux_1gpu_bg 2 "step_gpu2_$m.jsonl" TACO_GRAPH_MEMSETS=$m; wait; done ) &
+  ( for m in keep kernel; do flux_1gpu_bg 3 "step_gpu3_$m.jsonl" TACO_GRAPH_MEMSETS=$m; wait; done ) &
+  ( CUDA_VISIBLE_DEVICES=0 timeout 280 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_step.jsonl" \
+      2>&1 | fj ) &
+  f55() { grep -E '^\{|Error|error:|refused|TACO-DiT plan' | grep -v Warning; }
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/bench_fork_e2e.py --size 2048 --steps 20 --runs 2 \
+    --tag 1gpu2k --out "$OUT/e2e.jsonl" > "$OUT/fork_1gpu_2048.log" 2>&1; f55 < "$OUT/fork_1gpu_2048.log"
+  wait
+  timeout 170 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+    --out "$OUT/wan_cfg_step_4gpu.jsonl" 2>&1 | fj
+  timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 2048 --steps 20 --runs 2 \
+    --tag auto4_2k --reference /tmp/taco-bench/1gpu2k-rank0/output/bench_00002_.png \
+    --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu_2048.log" 2>&1; f55 < "$OUT/fork_4gpu_2048.log"
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context

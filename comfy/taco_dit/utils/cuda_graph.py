@@ -18,6 +18,8 @@ import weakref
 
 import torch
 
+from comfy.taco_dit.utils import graph_memsets
+
 
 def _signature(value):
     if isinstance(value, uuid.UUID):
@@ -123,7 +125,8 @@ class CUDAGraphCallable:
             for _ in range(self.warmup):
                 self.fn(*static_args, **static_kwargs)
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        graph = graph_memsets.new_graph()
         with torch.cuda.graph(graph):
             out = self.fn(*static_args, **static_kwargs)
+        graph_memsets.finish(graph)
         return static_args, static_kwargs, graph, out
