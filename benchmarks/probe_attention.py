@@ -67,9 +67,14 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "attention.jsonl"))
     p.add_argument("--model-check", action="store_true",
                    help="only check that the models' attention calls take the cuDNN path (1-block Flux / Wan)")
+    p.add_argument("--rank-shapes", action="store_true",
+                   help="only cuDNN's attention at the per-rank shapes of Flux 1024² on 1, 2 (ring / Ulysses) and "
+                        "4 GPUs, as the models lay them out (views of packed q/k/v), with its TFLOP/s")
     args = p.parse_args()
     if args.model_check:
         return model_check()
+    if args.rank_shapes:
+        return rank_shapes(args.out)
     info = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "cudnn": torch.backends.cudnn.version()}
     print(json.dumps(info), flush=True)
@@ -91,6 +96,24 @@ def main() -> None:
                         rec["error"] = f"{type(e).__name__}: {e}"[:200]
                     print(json.dumps(rec), flush=True)
                     f.write(json.dumps(rec) + "\n")
+
+
+def rank_shapes(out_path: str) -> None:
+    """How efficiently cuDNN's attention runs at each rank's share of Flux 1024² (4608 tokens, 24 heads): one GPU
+    (all queries, all keys), the gathered ring (half the queries, all keys), Ulysses (all queries and keys, a
+    share of the heads). q/k/v are views of packed [1, L, 3, H, D] buffers, as the models write them."""
+    cases = {"1gpu": (4608, 4608, 24), "ring2": (2304, 4608, 24), "ulysses2": (4608, 4608, 12),
+             "ring4": (1152, 4608, 24), "ulysses4": (4608, 4608, 6)}
+    op = KERNELS["cudnn_op"]
+    with open(out_path, "a") as f, torch.inference_mode():
+        for name, (lq, lk, h) in cases.items():
+            q_all, k, v = tensors((1, h, lk, 128), "strided")
+            q = q_all[:, :, :lq]  # this rank's queries: its rows of the packed buffer
+            ms = bench(lambda: op(q, k, v), iters=50)
+            rec = {"rank_shape": name, "queries": lq, "keys": lk, "heads": h, "ms": round(ms, 4),
+                   "tflops": round(4 * h * lq * lk * 128 / ms / 1e9, 1), "card": torch.cuda.get_device_name(0)}
+            print(json.dumps(rec), flush=True)
+            f.write(json.dumps(rec) + "\n")
 
 
 def model_check() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -880,6 +880,23 @@ if [ "$what" = s55 ]; then
   timeout 150 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 2048 --steps 20 --runs 2 \
     --tag auto4_2k --reference /tmp/taco-bench/1gpu2k-rank0/output/bench_00002_.png \
     --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu_2048.log" 2>&1; f55 < "$OUT/fork_4gpu_2048.log"
+fi
+if [ "$what" = s56 ]; then
+  # tenth session, after exchange.py's three per-destination copy loops became one helper (_on_side_streams):
+  # the exchanges on GPUs again. (1) Beside each other: the Flux 1024² 1-GPU step on GPU 2; on GPU 3 cuDNN's
+  # attention at the per-rank shapes (probe_attention.py --rank-shapes), then the 1-GPU step there too; Flux on
+  # 2 GPUs (0-1, ring 2 gathered: start_gather) twice. (2) Flux on 4 GPUs (Ulysses 4: start with the output into
+  # head slots); Wan CFG 2 x Ulysses 2 on 4 GPUs (the arena's staged exchanges), both against 1 GPU's output
+  flux_1gpu_bg 2 step_gpu2.jsonl
+  ( CUDA_VISIBLE_DEVICES=3 timeout 60 python3 benchmarks/probe_attention.py --rank-shapes \
+      --out "$OUT/attention_ranks.jsonl" 2>&1 | fj
+    flux_1gpu_bg 3 step_gpu3.jsonl; wait ) &
+  for round in 1 2; do flux_r2 step_2gpu.jsonl; done
+  wait
+  timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph --configs u4 \
+    --out "$OUT/step_4gpu.jsonl" 2>&1 | fj
+  timeout 170 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+    --out "$OUT/wan_cfg_step_4gpu.jsonl" 2>&1 | fj
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context

@@ -195,6 +195,34 @@ def _side_stream(device: torch.device, lane: int = 0):
     return stream
 
 
+def _on_side_streams(device: torch.device, ranks, copy) -> list:
+    """`copy(r, stream)` for each destination r of `ranks`, the i-th on side stream lane i after what the current
+    stream queued so far, so the copies to different peers run at once on several copy engines instead of one
+    after another. Returns the side streams (for `Pending`). Host tensors (tests): `copy(r, None)` in order."""
+    if device.type != "cuda":
+        for r in ranks:
+            copy(r, None)
+        return []
+    main = torch.cuda.current_stream(device)
+    streams = []
+    for lane, r in enumerate(ranks):
+        side = _side_stream(device, lane)
+        side.wait_stream(main)
+        copy(r, side)
+        streams.append(side)
+    return streams
+
+
+def _plain_copy(stream, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) queued on `stream` (None: the current one); contiguous on both sides, it is a memcpy that a
+    copy engine carries."""
+    if stream is None:
+        dst.copy_(src)
+        return
+    with torch.cuda.stream(stream):
+        dst.copy_(src)
+
+
 class Pending:
     """An exchange in flight; `wait()` orders the current stream after it and returns what arrived."""
 
@@ -284,20 +312,15 @@ class SymmetricExchange:
             pitched, src = None, (blocks if blocks.is_contiguous() else blocks.contiguous())
         else:
             src = blocks
-        main = torch.cuda.current_stream(recv.device)
-        streams = []
-        # one side stream per destination: the copies to the peers (and this rank's own block) run at once
-        # on several copy engines instead of one after another
-        for lane, r in enumerate(sorted(range(len(targets)), key=lambda r: r == self.rank)):  # peers first
-            side = _side_stream(recv.device, lane)
-            side.wait_stream(main)
+        def copy(r, side):
             if pitched is None:
-                with torch.cuda.stream(side):
-                    targets[r].copy_(src[r])  # contiguous: a memcpy, carried by a copy engine
+                _plain_copy(side, targets[r], src[r])
             else:
                 rows, width, pitch = shape
                 _copy2d(pitched, side, targets[r], width, src[r], pitch, width, rows)
-            streams.append(side)
+
+        # the peers' blocks first, this rank's own last
+        streams = _on_side_streams(recv.device, sorted(range(len(targets)), key=lambda r: r == self.rank), copy)
         return Pending(recv, streams=streams, barrier=self._barrier, keep=src)
 
     def _start_interleaved(self, blocks: torch.Tensor) -> Pending | None:
@@ -324,16 +347,11 @@ class SymmetricExchange:
             if shape is None or shape[:2] != (rows, width):
                 return None
             src_rows.append(shape[2])
-        main = torch.cuda.current_stream(blocks.device) if blocks.is_cuda else None  # host memory: tests
-        streams = []
-        for lane, r in enumerate(sorted(range(p), key=lambda r: r == self.rank)):  # peers first
+        def copy(r, side):
             dst = self.peers[r].view(*lead, p, *tail)[..., self.rank, :, :]
-            side = None
-            if main is not None:
-                side = _side_stream(blocks.device, lane)
-                side.wait_stream(main)
-                streams.append(side)
             _copy2d(memcpy2d, side, dst, p * width, blocks[r], src_rows[r], width, rows)
+
+        streams = _on_side_streams(blocks.device, sorted(range(p), key=lambda r: r == self.rank), copy)  # peers first
         recv = self.peers[self.rank].view(*lead, p, *tail)
         pending = Pending(recv, streams=streams, barrier=self._barrier, keep=blocks)
         pending.interleaved = True
@@ -357,22 +375,15 @@ class SymmetricExchange:
         src = region(self.own_block())
         shape = pitched_rows(src)
         copy2d = _memcpy2d() if shape is not None else None
-        main = torch.cuda.current_stream(src.device) if src.is_cuda else None
-        streams = []
-        for lane, r in enumerate(r for r in range(self.group.size) if r != self.rank):
+        def copy(r, side):
             dst = region(self.peers[r][self.rank])
-            if main is None:  # host memory (tests): a plain copy
-                dst.copy_(src)
-                continue
-            side = _side_stream(src.device, lane)
-            side.wait_stream(main)
-            if copy2d is None:
-                with torch.cuda.stream(side):
-                    dst.copy_(src)  # contiguous: a memcpy on a copy engine
+            if copy2d is None or side is None:  # contiguous (a memcpy), or host memory (tests)
+                _plain_copy(side, dst, src)
             else:
                 rows, width, pitch = shape
                 _copy2d(copy2d, side, dst, pitch, src, pitch, width, rows)
-            streams.append(side)
+
+        streams = _on_side_streams(src.device, [r for r in range(self.group.size) if r != self.rank], copy)
         return Pending(self.peers[self.rank], streams=streams, barrier=self._barrier)
 
 
