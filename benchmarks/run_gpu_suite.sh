@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -897,6 +897,19 @@ if [ "$what" = s56 ]; then
     --out "$OUT/step_4gpu.jsonl" 2>&1 | fj
   timeout 170 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
     --out "$OUT/wan_cfg_step_4gpu.jsonl" 2>&1 | fj
+fi
+if [ "$what" = s57 ]; then
+  # tenth session: Flux 1024² on 2 GPUs (0-1, ring 2 gathered, CUDA graph) with the single blocks' MLP output GEMM
+  # on a side stream beside the attention (TACO_RING_AFTER=overlap) or before it (before), in the order before,
+  # overlap, before, overlap, the 1-GPU step beside on GPUs 2 and 3; then the fork path with overlap (1 GPU on
+  # GPU 2, 2 GPUs, 4 GPUs; Ulysses 4 does not use it). The overlap measured slower and was removed, so
+  # TACO_RING_AFTER no longer exists: this part now runs the committed code four times
+  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
+  for m in before overlap before overlap; do flux_r2 "step_2gpu_$m.jsonl" TACO_RING_AFTER=$m; done
+  wait
+  export TACO_RING_AFTER=overlap
+  fork_1gpu_then_2gpu 2
+  fork_4gpu_after
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
