@@ -114,6 +114,35 @@ def rank_shapes(out_path: str) -> None:
                    "tflops": round(4 * h * lq * lk * 128 / ms / 1e9, 1), "card": torch.cuda.get_device_name(0)}
             print(json.dumps(rec), flush=True)
             f.write(json.dumps(rec) + "\n")
+        # ring 2's attention as one call over a batch of 2 (the same queries against each rank's half of the
+        # keys: 1728 tiles, as on one GPU) with the log-sum-exps, then merged by one lerp
+        q_all, k, v = tensors((1, 24, 4608, 128), "strided")
+        whole = op(q_all[:, :, :2304], k, v)
+        for how in ("stride0", "copied"):
+            q2 = q_all[:, :, :2304].expand(2, -1, -1, -1)
+            if how == "copied":
+                q2 = q2.contiguous()
+            k2 = k.as_strided((2, 24, 2304, 128), (2304 * k.stride(2), *k.stride()[1:]))
+            v2 = v.as_strided((2, 24, 2304, 128), (2304 * v.stride(2), *v.stride()[1:]))
+
+            def split_merge(q2=q2, k2=k2, v2=v2, copy=how == "copied"):
+                qq = q_all[:, :, :2304].expand(2, -1, -1, -1).contiguous() if copy else q2
+                o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qq, k2, v2, None, True)[:2]
+                lse = lse.reshape(2, 24, 2304)
+                w = torch.sigmoid(lse[1] - lse[0]).to(o.dtype)[None, :, :, None]  # weight of the second half
+                return torch.lerp(o[0:1], o[1:2], w)
+            rec = {"rank_shape": f"ring2 split over the keys, q {how}", "queries": 2304, "keys": 4608, "heads": 24,
+                   "card": torch.cuda.get_device_name(0)}
+            try:
+                merged = split_merge()
+                rec["max_abs_diff_vs_one_call"] = round((merged.float() - whole.float()).abs().max().item(), 5)
+                rec["ms"] = round(bench(split_merge, iters=50), 4)
+                o_only = lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q2, k2, v2, None, True)  # noqa: E731
+                rec["attention_only_ms"] = round(bench(o_only, iters=50), 4)
+            except Exception as e:  # noqa: BLE001 - record what cuDNN refuses
+                rec["error"] = f"{type(e).__name__}: {e}"[:300]
+            print(json.dumps(rec), flush=True)
+            f.write(json.dumps(rec) + "\n")
 
 
 def model_check() -> None:
