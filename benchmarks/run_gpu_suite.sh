@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -916,6 +916,23 @@ if [ "$what" = s58 ]; then
   # Wan is not in model_wrapper.CUDA_GRAPH_VERIFIED) against a CUDA graph of the same forward, in one run
   timeout 400 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 --graph \
     --out "$OUT/wan_cfg_step_4gpu.jsonl" 2>&1 | grep -E '^\{|Error|error:|Traceback|CUDA graph' | grep -v Warning
+fi
+if [ "$what" = s59 ]; then
+  # tenth session: the attention split over parts of the keys (TACO_ATTN_SPLIT, attention.sdpa_split_keys).
+  # (1) Kernel probe on GPU 3 (probe_attention.py --rank-shapes: 2, 3, 4 parts at ring 2's and Ulysses 4's
+  # shapes); the 1-GPU Flux 1024² step on GPU 2; Flux on 2 GPUs (0-1, ring 2) with 1 and 3 parts, twice each in
+  # turn. (2) Flux on 4 GPUs (Ulysses 4) with 1 and 3 parts. No step got faster, so the split (sdpa_split_keys, the
+  # Triton merge, TACO_ATTN_SPLIT and the probe's use of it) was removed again: this part no longer runs as written
+  ( CUDA_VISIBLE_DEVICES=3 timeout 90 python3 benchmarks/probe_attention.py --rank-shapes \
+      --out "$OUT/attention_ranks.jsonl" 2>&1 | fj ) &
+  flux_1gpu_bg 2 step_gpu2.jsonl
+  for n in 1 3 1 3; do flux_r2 "step_2gpu_split$n.jsonl" TACO_ATTN_SPLIT=$n; done
+  wait
+  for n in 1 3; do
+    echo "4 GPUs, TACO_ATTN_SPLIT=$n"
+    TACO_ATTN_SPLIT=$n timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
+      --configs u4 --out "$OUT/step_4gpu_split$n.jsonl" 2>&1 | fj
+  done
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
