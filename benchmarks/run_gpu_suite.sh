@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -933,6 +933,34 @@ if [ "$what" = s59 ]; then
     TACO_ATTN_SPLIT=$n timeout 100 torchrun --nproc_per_node=4 benchmarks/bench_flux_step.py --sizes 1024 --graph \
       --configs u4 --out "$OUT/step_4gpu_split$n.jsonl" 2>&1 | fj
   done
+fi
+if [ "$what" = s60 ]; then
+  # tenth session: SM clock and power of every GPU sampled every 200 ms while the Flux 1024² step runs on 1 GPU
+  # (GPU 2) beside a 2-GPU ring 2 run (GPUs 0-1): does the 2-GPU run throttle more than the 1-GPU one?
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,utilization.gpu --format=csv,noheader,nounits \
+    -lms 200 > "$OUT/smi.csv" 2>&1 &
+  smi=$!
+  flux_1gpu_bg 2 step_gpu2.jsonl
+  flux_r2 step_2gpu.jsonl
+  while pgrep -f bench_flux_step.py > /dev/null; do sleep 1; done  # the 1-GPU run in the background too
+  kill $smi
+  python3 - "$OUT/smi.csv" <<'PY'
+import collections, sys
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) == 5 and parts[1].isdigit():
+        try:
+            rows[int(parts[1])].append((float(parts[2]), float(parts[3]), float(parts[4])))
+        except ValueError:
+            pass
+for gpu, vals in sorted(rows.items()):
+    busy = [v for v in vals if v[2] >= 90]
+    if busy:
+        n = len(busy)
+        print(f"GPU {gpu}: {n} samples at >= 90 % utilization: SM {sum(v[0] for v in busy) / n:.0f} MHz, "
+              f"power {sum(v[1] for v in busy) / n:.0f} W")
+PY
 fi
 if [ "$what" = s28 ]; then
   # sixth session, on 2 GPUs: one Wan 14B forward under Ulysses 2 (arena, automatic), the cross-attention's context
