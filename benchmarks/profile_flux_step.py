@@ -6,6 +6,8 @@ and how long the GPU sat idle inside the step (wall time of the step minus the u
 One GPU:  python benchmarks/profile_flux_step.py --sizes 1024 2048 --out $OUT/profile.jsonl
 N GPUs:   torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 1024 --config u4 [--graph]
           (every rank profiles its own step; each rank writes one record)
+Wan's guided step under CFG 2 x Ulysses 2 (each rank one prompt of the pair, then the pair's all-gather):
+          torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --model wan --config c2u2
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=["flux", "wan"], default="flux")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024], help="Flux image sizes")
-    p.add_argument("--config", default="", help="uN / rN / uNrM under torchrun")
+    p.add_argument("--config", default="", help="uN / rN / uNrM under torchrun; c2uN etc. (CFG 2 x ...) for Wan")
     p.add_argument("--graph", action="store_true", help="profile a CUDA-graph replay instead of eager")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--timeline", type=int, nargs="*", default=[],
@@ -159,19 +161,28 @@ def main() -> None:
     else:
         model = Flux(**FLUX_DEV, dtype=torch.bfloat16, device=dev).eval()
     init_random_(model)
+    cfg_parallel = args.config.startswith("c2")
+    if cfg_parallel and (args.model != "wan" or world < 2):
+        raise SystemExit("c2... configs (CFG parallel) are for --model wan under torchrun")
     if world > 1:
         from comfy.taco_dit.parallel.mesh import MeshDims, ParallelMesh
         from comfy.taco_dit.parallel.sequence_parallel import flux_forward_orig, wan_forward_orig
 
         dist.init_process_group("nccl", device_id=dev)
-        u, r = parse_config(args.config or f"u{world}")
-        mesh = ParallelMesh(MeshDims(world_size=world, ulysses=u, ring=r), backend="nccl")
+        u, r = parse_config((args.config[2:] if cfg_parallel else args.config) or f"u{world}")
+        mesh = ParallelMesh(MeshDims(world_size=world, cfg=2 if cfg_parallel else 1, ulysses=u, ring=r),
+                            backend="nccl")
         adapter = wan_forward_orig if args.model == "wan" else flux_forward_orig
         model.forward_orig = adapter(mesh).__get__(model, type(model))
     for size in ([0] if args.model == "wan" else args.sizes):
         if args.model == "wan":
             batch = wan_inputs(WAN_14B, (21, 60, 104), dev, torch.bfloat16)
             call = lambda a, b, c: model(a, b, c)  # noqa: E731
+            if cfg_parallel:  # a guided step: this rank's prompt of the pair, then the pair's all-gather
+                pair = wan_inputs(WAN_14B, (21, 60, 104), dev, torch.bfloat16, batch=2)
+                mine = slice(mesh.cfg.rank_in_group, mesh.cfg.rank_in_group + 1)
+                batch = tuple(t[mine] for t in pair)
+                call = lambda a, b, c: mesh.cfg.all_gather(model(a, b, c), dim=0)  # noqa: E731
         else:
             x, t, ctx, y, g = inputs(size, dev)
             batch = (x, t, ctx, y, g)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -960,6 +960,24 @@ for gpu, vals in sorted(rows.items()):
         n = len(busy)
         print(f"GPU {gpu}: {n} samples at >= 90 % utilization: SM {sum(v[0] for v in busy) / n:.0f} MHz, "
               f"power {sum(v[1] for v in busy) / n:.0f} W")
+PY
+fi
+if [ "$what" = s61 ]; then
+  # prepared in the tenth session for the next (not run yet): where Wan's guided step under CFG 2 x Ulysses 2 on 4
+  # GPUs loses against a quarter of one GPU's (3.60-3.62x of the 4x): a profile of one prompt's forward on 1 GPU
+  # (GPU 0), then the 4-GPU guided step profiled on every rank (idle gaps, categories, top kernels)
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/profile_flux_step.py --model wan --top 30 \
+    --out "$OUT/profile_wan.jsonl" > "$OUT/profile_wan_1gpu.log" 2>&1; echo "1gpu rc=$?"
+  timeout 300 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --model wan --config c2u2 --top 30 \
+    --out "$OUT/profile_wan.jsonl" > "$OUT/profile_wan_c2u2.log" 2>&1; echo "c2u2 rc=$?"
+  python3 - "$OUT/profile_wan.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("gpus", r["gpus"], "rank", r["rank"], "step", r["step_ms"], "busy", r["compute_busy_ms"], "sm idle",
+          r.get("sm_idle_ms"), r["gpu_ms_by_category"])
+    for g in r.get("idle_gaps", [])[:6]:
+        print("   ", g)
 PY
 fi
 if [ "$what" = s28 ]; then
