@@ -95,7 +95,10 @@ def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: 
     applies bias and GELU in the matmul's epilogue via `torch._addmm_activation`, so the result is written once
     instead of written, read and written again by a separate GELU pass); elsewhere the two ops.
     `out` (no GELU): a [..., out features] tensor the GEMM writes into, which is returned: contiguous, or rows
-    of contiguous features at one pitch (e.g. k and v of a packed [1, L, 3, H, D] buffer: `out[:, :, 1:3]`)."""
+    of contiguous features at one pitch (e.g. k and v of a packed [1, L, 3, H, D] buffer: `out[:, :, 1:3]`).
+    With a bias, a pitched `out` costs an extra pass on CUDA: cuBLAS adds a bias in its epilogue only into a
+    contiguous output, so PyTorch fills the rows with the bias and runs the GEMM with beta = 1 (which is why
+    Flux's `SelfAttention.kv_rope` computes into a new tensor instead)."""
     if out is not None:
         if gelu:
             raise ValueError("out= is for a plain linear layer, not one with the GELU fused")
