@@ -109,6 +109,12 @@ def _kv_region(block: torch.Tensor) -> torch.Tensor:
     return block[:, :, 1:3]
 
 
+def _supplied_block_exchange(ring: GroupHandle, buf: torch.Tensor, parity: int):
+    """The exchange whose own block `buf` is (handed out by `ring_qkv_supplier` for this call parity), or None."""
+    ex = ring._exchanges.get((f"ring_qkv{parity}", tuple(buf.shape), buf.dtype, buf.device))
+    return ex if hasattr(ex, "own_block") and ex.own_block().data_ptr() == buf.data_ptr() else None
+
+
 def ring_kv_ready(ring: GroupHandle):
     """For `transformer_options[KV_READY_KEY]` (attention.py), beside `ring_qkv_supplier`: a model that wrote k
     and v into the supplied block before q calls this, and their gather to the peers starts at once, by copy
@@ -117,9 +123,8 @@ def ring_kv_ready(ring: GroupHandle):
     block (e.g. no symmetric memory) is left alone: the attention call moves it as usual."""
 
     def ready(buf: torch.Tensor) -> None:
-        parity = getattr(ring, "_ring_kv_parity", 0)
-        ex = ring._exchanges.get((f"ring_qkv{parity}", tuple(buf.shape), buf.dtype, buf.device))
-        if hasattr(ex, "own_block") and ex.own_block().data_ptr() == buf.data_ptr():
+        ex = _supplied_block_exchange(ring, buf, getattr(ring, "_ring_kv_parity", 0))
+        if ex is not None:
             ring._early_kv = (ex, ex.start_gather(_kv_region))
 
     return ready
@@ -141,11 +146,7 @@ def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work
     packed = _packed(q, k, v)
     parity = getattr(ring, "_ring_kv_parity", 0)
     ring._ring_kv_parity = parity ^ 1
-    in_place = None
-    if packed is not None and b == 1:
-        in_place = ring._exchanges.get((f"ring_qkv{parity}", tuple(packed.shape), packed.dtype, packed.device))
-        if not (hasattr(in_place, "own_block") and in_place.own_block().data_ptr() == packed.data_ptr()):
-            in_place = None
+    in_place = _supplied_block_exchange(ring, packed, parity) if packed is not None and b == 1 else None
     if in_place is not None:
         early, ring._early_kv = getattr(ring, "_early_kv", None), None
         if early is not None and early[0] is in_place:
