@@ -24,8 +24,9 @@ Compression: the filtered rows are cut into bands of whole rows (about one per t
 threads compressed; 128 KiB bands change the size of a 1024² render by 0.03 %). Every band is compressed
 independently as raw deflate (``zlib.compressobj(level, DEFLATED, -15)``); bands after the first are
 primed with the previous 32 KiB of filtered data as ``zdict`` (each band filters the few rows of context
-it needs itself, so bands do not wait for each other), so matches across a cut are still found: the output is within ~0.1 % of a single stream. Every
-band but the last ends with ``Z_SYNC_FLUSH`` (byte-aligned, not final), the last with ``Z_FINISH``; the
+it needs itself, so bands do not wait for each other), so matches across a cut are still found: the
+output is within ~0.1 % of a single stream. Every band but the last ends with ``Z_SYNC_FLUSH``
+(byte-aligned, not final), the last with ``Z_FINISH``; the
 concatenation is one valid deflate stream, wrapped with a 2-byte zlib header for the level and the
 Adler-32 of all filtered data (per-band checksums combined arithmetically). Each band goes in its own
 IDAT chunk. Images below 1 MiB of raw data, or ``threads=1``, are compressed as one zlib stream.
@@ -37,8 +38,8 @@ one gather gives every rank all bands, and each assembles the same file (a CRC-3
 first that they all hold the same one).
 
 Speed (same benchmark, 1024x1024 RGB, best of 15 on a quiet 2-core machine; noise / smooth / smooth
-with fine noise / a JPEG photograph resized to 1024x1024, passed with --image): level 4 -- PIL 103 / 55 / 162 / 118 ms, this encoder on one thread
-58 / 42 / 114 / 92 ms, on two threads 30 / 22 / 61 / 48 ms (2.5-3.4x PIL); level 1 (PreviewImage) --
+with fine noise / a JPEG photograph resized to 1024x1024, passed with --image): level 4 -- PIL 103 / 55 /
+162 / 118 ms, this encoder on one thread 58 / 42 / 114 / 92 ms, on two threads 30 / 22 / 61 / 48 ms (2.5-3.4x PIL); level 1 (PreviewImage) --
 PIL 95 / 37 / 88 / 66 ms, two threads 29 / 13 / 21 / 21 ms. Sizes are within 0.1 % of PIL's except on
 the smooth+noise image, where this one is 4 % (level 4) and 3 % (level 1) smaller.
 """
