@@ -39,7 +39,8 @@ first that they all hold the same one).
 
 Speed (same benchmark, 1024x1024 RGB, best of 15 on a quiet 2-core machine; noise / smooth / smooth
 with fine noise / a JPEG photograph resized to 1024x1024, passed with --image): level 4 -- PIL 103 / 55 /
-162 / 118 ms, this encoder on one thread 58 / 42 / 114 / 92 ms, on two threads 30 / 22 / 61 / 48 ms (2.5-3.4x PIL); level 1 (PreviewImage) --
+162 / 118 ms, this encoder on one thread 58 / 42 / 114 / 92 ms, on two threads 30 / 22 / 61 / 48 ms
+(2.5-3.4x PIL); level 1 (PreviewImage) --
 PIL 95 / 37 / 88 / 66 ms, two threads 29 / 13 / 21 / 21 ms. Sizes are within 0.1 % of PIL's except on
 the smooth+noise image, where this one is 4 % (level 4) and 3 % (level 1) smaller.
 """
