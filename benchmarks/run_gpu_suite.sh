@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -961,6 +961,47 @@ for gpu, vals in sorted(rows.items()):
         print(f"GPU {gpu}: {n} samples at >= 90 % utilization: SM {sum(v[0] for v in busy) / n:.0f} MHz, "
               f"power {sum(v[1] for v in busy) / n:.0f} W")
 PY
+fi
+if [ "$what" = s62 ]; then
+  # eleventh session: cuBLASLt's fastest bit-identical algorithm for large GEMMs (comfy/taco_dit/utils/lt_gemm.py).
+  # (1) beside each other: the kernel probe on GPU 3 (Wan and Flux shapes at 1 GPU's and a rank's rows); the Wan
+  # 14B guided 1-GPU step with TACO_LT_GEMM=0 then 1 on GPU 1 and 1 then 0 on GPU 2; (2) Wan CFG 2 x Ulysses 2 on 4
+  # GPUs with TACO_LT_GEMM=1, 0, 1
+  ( CUDA_VISIBLE_DEVICES=3 timeout 200 python3 benchmarks/probe_lt_gemm.py --out "$OUT/lt_gemm.jsonl" 2>&1 | fj ) &
+  for g in 1 2; do
+    ( if [ $g = 1 ]; then order="0 1"; else order="1 0"; fi
+      for lt in $order; do
+        CUDA_VISIBLE_DEVICES=$g TACO_LT_GEMM=$lt timeout 200 python3 benchmarks/bench_wan_step.py --cfg \
+          --out "$OUT/wan_cfg_step_gpu${g}_lt$lt.jsonl" 2>&1 | fj | sed "s/^/gpu$g lt$lt /"
+      done ) &
+  done
+  wait
+  for lt in 1 0 1; do
+    TACO_LT_GEMM=$lt timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_step_4gpu_lt$lt.jsonl" 2>&1 | fj | sed "s/^/4gpu lt$lt /"
+  done
+fi
+if [ "$what" = s63 ]; then
+  # eleventh session, after s62 (lt_gemm's tuning now times PyTorch and the candidates alternately, reps back to
+  # back; workspaces also inside graph capture): (1) beside each other: the Wan 14B guided 1-GPU step with
+  # TACO_LT_GEMM=1 (GPU 0) and 0 (GPU 1); the Flux 1024² 1-GPU step (CUDA graph) with 0 then 1 on GPU 2 and 1 then
+  # 0 on GPU 3; (2) Wan CFG 2 x Ulysses 2 on 4 GPUs with 1, 0, 1; (3) Flux on 2 GPUs (ring 2, GPUs 0-1) with 1, 0,
+  # 1 while the GPU tests of lt_gemm and graph_memsets run on GPU 2
+  for g in 0 1; do
+    ( CUDA_VISIBLE_DEVICES=$g TACO_LT_GEMM=$((1 - g)) timeout 220 python3 benchmarks/bench_wan_step.py --cfg \
+        --out "$OUT/wan_cfg_step_gpu$g.jsonl" 2>&1 | fj | sed "s/^/wan gpu$g lt$((1 - g)) /" ) &
+  done
+  ( for lt in 0 1; do flux_1gpu_bg 2 "step_gpu2_lt$lt.jsonl" TACO_LT_GEMM=$lt; wait; done ) &
+  ( for lt in 1 0; do flux_1gpu_bg 3 "step_gpu3_lt$lt.jsonl" TACO_LT_GEMM=$lt; wait; done ) &
+  wait
+  for lt in 1 0 1; do
+    TACO_LT_GEMM=$lt timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_step_4gpu_lt$lt.jsonl" 2>&1 | fj | sed "s/^/wan 4gpu lt$lt /"
+  done
+  ( CUDA_VISIBLE_DEVICES=2 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lt_gemm_gpu.py \
+      tests/test_graph_memsets_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log" ) &
+  for lt in 1 0 1; do flux_r2 "step_2gpu_lt$lt.jsonl" TACO_LT_GEMM=$lt | sed "s/^/flux lt$lt /"; done
+  wait
 fi
 if [ "$what" = s61 ]; then
   # prepared in the tenth session for the next (not run yet): where Wan's guided step under CFG 2 x Ulysses 2 on 4

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from comfy.taco_dit.utils import lt_gemm
+
 
 def cast_to(t: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     if t is None:
@@ -44,6 +46,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     """
     if x.ndim == 2 and 1 < x.shape[0] <= 64 and x.device.type == "cpu":
         return torch.cat([F.linear(x[i:i + 1], w, b) for i in range(x.shape[0])])
+    if x.is_cuda:
+        y = lt_gemm.linear(x, w, b)  # large GEMMs: cuBLASLt's fastest bit-identical algorithm
+        if y is not None:
+            return y
     return F.linear(x, w, b)
 
 
@@ -112,6 +118,9 @@ def _linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: 
             torch.addmm(b, x2, w.t(), out=o2)
         return out
     if gelu and x.is_cuda and b is not None and x.dtype in (torch.bfloat16, torch.float16):
+        y = lt_gemm.linear(x, w, b, gelu=True)
+        if y is not None:
+            return y
         return torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True) \
             .view(*x.shape[:-1], w.shape[0])
     out = linear(x, w, b)
