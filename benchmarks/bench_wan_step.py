@@ -17,6 +17,7 @@ Timing and output format as benchmarks/bench_flux_step.py (whose helpers this re
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -220,6 +221,10 @@ def main() -> None:
                                     "rel_l2_vs_1gpu": round((diff.norm() / reference.float().norm()).item(), 5),
                                     "card": where, **guided})
             del model.forward_orig
+    from comfy.taco_dit.utils import lt_gemm  # what each rank's GEMM tuning chose (they decide separately)
+
+    print(json.dumps({"rank": dist.get_rank(), "lt_gemm": [[*key, s["lt_chosen"], s["tune_torch_ms"], s["tune_best_ms"]]
+                                                           for key, s in lt_gemm.stats().items()]}), flush=True)
     release_all()
     dist.destroy_process_group()
 

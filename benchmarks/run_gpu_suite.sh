@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -1002,6 +1002,60 @@ if [ "$what" = s63 ]; then
       tests/test_graph_memsets_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log" ) &
   for lt in 1 0 1; do flux_r2 "step_2gpu_lt$lt.jsonl" TACO_LT_GEMM=$lt | sed "s/^/flux lt$lt /"; done
   wait
+fi
+if [ "$what" = s64 ]; then
+  # eleventh session, lt_gemm from 8192 rows only (TACO_LT_GEMM_MIN_ROWS): (1) beside each other: the Flux 2048²
+  # 1-GPU step (CUDA graph; its single blocks have 16896 rows) with TACO_LT_GEMM=0 then 1 on GPU 0 and 1 then 0 on
+  # GPU 1; the Wan 14B guided 1-GPU step with the default (GPU 2) and TACO_LT_GEMM=0 (GPU 3); (2) Wan CFG 2 x
+  # Ulysses 2 on 4 GPUs: default, 0, default; (3) its profile on every rank with the default
+  for g in 0 1; do
+    ( if [ $g = 0 ]; then order="0 1"; else order="1 0"; fi
+      for lt in $order; do
+        CUDA_VISIBLE_DEVICES=$g TACO_LT_GEMM=$lt timeout 220 python3 benchmarks/bench_flux_step.py --sizes 2048 \
+          --graph --out "$OUT/step2k_gpu${g}_lt$lt.jsonl" 2>&1 | fj | sed "s/^/flux2k gpu$g lt$lt /"
+      done ) &
+  done
+  ( CUDA_VISIBLE_DEVICES=2 timeout 220 python3 benchmarks/bench_wan_step.py --cfg --out "$OUT/wan_cfg_gpu2.jsonl" \
+      2>&1 | fj | sed "s/^/wan gpu2 default /" ) &
+  ( CUDA_VISIBLE_DEVICES=3 TACO_LT_GEMM=0 timeout 220 python3 benchmarks/bench_wan_step.py --cfg \
+      --out "$OUT/wan_cfg_gpu3_lt0.jsonl" 2>&1 | fj | sed "s/^/wan gpu3 lt0 /" ) &
+  wait
+  for lt in 1 0 1; do
+    TACO_LT_GEMM=$lt timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_4gpu_lt$lt.jsonl" 2>&1 | fj | sed "s/^/wan 4gpu lt$lt /"
+  done
+  timeout 150 torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --model wan --config c2u2 --top 12 \
+    --out "$OUT/profile_wan_lt.jsonl" > "$OUT/profile_wan_c2u2_lt.log" 2>&1; echo "profile rc=$?"
+  python3 - "$OUT/profile_wan_lt.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("rank", r["rank"], "step", r["step_ms"], "sm idle", r.get("sm_idle_ms"), r["gpu_ms_by_category"])
+    for t in r.get("top", [])[:5]:
+        print("   ", t)
+PY
+fi
+if [ "$what" = s65 ]; then
+  # eleventh session, after s64 (ranks had chosen differently: rank 0 kept PyTorch's kernels everywhere): lt_gemm's
+  # tuning now sums 12 rounds in rotating order and takes a 1 % gain. (1) the Wan 14B guided 1-GPU step with the
+  # default on GPUs 0 and 1, TACO_LT_GEMM=0 on GPU 2; (2) Wan CFG 2 x Ulysses 2 on 4 GPUs: default, 0, default, 0,
+  # each rank's choices printed
+  for g in 0 1 2; do
+    lt=1; [ $g = 2 ] && lt=0
+    ( CUDA_VISIBLE_DEVICES=$g TACO_LT_GEMM=$lt timeout 220 python3 benchmarks/bench_wan_step.py --cfg \
+        --out "$OUT/wan_cfg_gpu${g}_lt$lt.jsonl" 2>&1 | fj | sed "s/^/wan gpu$g lt$lt /" ) &
+  done
+  wait
+  for lt in 1 0 1 0; do
+    TACO_LT_GEMM=$lt timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
+      --out "$OUT/wan_cfg_4gpu_lt$lt.jsonl" 2>&1 | fj | sed "s/^/wan 4gpu lt$lt /"
+  done
+fi
+if [ "$what" = s66 ]; then
+  # eleventh session, one GPU: the GPU tests of lt_gemm (as committed: 8192-row threshold, rotating tuning rounds)
+  # and graph_memsets
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lt_gemm_gpu.py tests/test_graph_memsets_gpu.py \
+    2>&1 | tail -4
 fi
 if [ "$what" = s61 ]; then
   # prepared in the tenth session for the next (not run yet): where Wan's guided step under CFG 2 x Ulysses 2 on 4

@@ -52,7 +52,7 @@ def test_tune_keeps_the_fastest_bit_identical_candidate(monkeypatch):
 
 def test_tune_keeps_pytorch_without_a_clear_gain(monkeypatch):
     plan, chosen = _tune_with(monkeypatch, [_Cand("a", True), _Cand("b", True)], [1.00, 0.99, 0.985])
-    assert not chosen and plan.algo is None  # 1.5 % faster: below the 2 % margin
+    assert not chosen and plan.algo is None  # 1.5 % faster: below the 2 % margin set here
     plan, chosen = _tune_with(monkeypatch, [_Cand("a", True)], [1.00, 0.99], gain="0.005")
     assert chosen and plan.algo.name == "a"
 
@@ -62,16 +62,29 @@ def test_tune_refuses_when_no_candidate_is_bit_identical(monkeypatch):
     assert not chosen and plan.algo is None and plan.calls == ["x", "y"]
 
 
-@pytest.mark.parametrize("case", ["cpu", "fp32", "few-rows", "disabled", "pitched-weight"])
-def test_linear_leaves_other_tensors_to_pytorch(monkeypatch, case):
-    x, w, b = torch.randn(4096, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16), None
+@pytest.mark.parametrize("case,reason", [(None, None), ("fp32", "dtype"), ("few-rows", "size"),
+                                         ("disabled", "off"), ("pitched-weight", "layout"), ("bias", "bias"),
+                                         ("autograd", "autograd")])
+def test_refusal_names_what_keeps_pytorchs_path(monkeypatch, case, reason):
+    x, w = torch.randn(8192, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, dtype=torch.bfloat16)
     if case == "fp32":
         x, w = x.float(), w.float()
     if case == "few-rows":
-        x = x[:16]
+        x = x[:4096]  # below the default TACO_LT_GEMM_MIN_ROWS (8192)
     if case == "disabled":
         monkeypatch.setenv("TACO_LT_GEMM", "0")
     if case == "pitched-weight":
         w = torch.randn(2048, 4096, dtype=torch.bfloat16)[:, ::2]
+    if case == "bias":
+        b = torch.randn(4096, dtype=torch.bfloat16)[::2]
+    if case == "autograd":
+        w.requires_grad_(True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # the rules past the device check
+    assert lt_gemm.refusal(x, w, b) == reason
+
+
+def test_cpu_tensors_never_load_the_library(monkeypatch):
     monkeypatch.setattr(lt_gemm, "_library", lambda: pytest.fail("the library must not be loaded"))
-    assert lt_gemm.linear(x, w, b) is None
+    x, w = torch.randn(8192, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
+    assert lt_gemm.refusal(x, w, None) == "device" and lt_gemm.linear(x, w, None) is None

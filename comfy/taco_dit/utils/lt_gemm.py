@@ -3,21 +3,24 @@
 cuBLAS's heuristic picks one kernel per GEMM shape, and for the shapes a rank sees under sequence parallel
 it can pick a slow one. On an H200 Wan 14B's 5120 x 5120 projection over one GPU's 32760 tokens runs a
 256x152-tile kernel; over a Ulysses-2 rank's 16380 tokens the heuristic switches to a 192x192 one that costs
-5-18 % more per row (benchmarks/RESULTS.md, calls s29, s38 and s61). TunableOp (`gemm_tuning`) finds faster
-kernels but may change the rounding, and its bias handling lost the gain end to end.
+5-18 % more per row (benchmarks/RESULTS.md, calls s29, s38 and s61). TunableOp (`gemm_tuning`) found faster
+kernels, but may change the rounding and gained nothing end to end (call s27).
 
 Here, the first time a shape is seen outside graph capture, cuBLASLt is asked for its candidate algorithms
 for the same GEMM with the same epilogue (bias, or bias + tanh GELU, as `torch.nn.functional.linear` and
 `torch._addmm_activation` use). Each candidate runs once on the real inputs and is kept only when its output
 equals PyTorch's own result bit for bit (so one GPU and N GPUs still agree exactly); the survivors and
-PyTorch's path are timed, and the fastest wins when it beats PyTorch by `TACO_LT_GEMM_GAIN` (default 2 %).
-Later calls of that shape take the winner: one cublasLtMatmul, captured into CUDA graphs like any other
-kernel launch. The library is reached with ctypes (the libcublasLt PyTorch already loaded), so nothing is
-built.
+PyTorch's path are timed in alternating rounds, and the fastest wins when it beats PyTorch by `TACO_LT_GEMM_GAIN`
+(default 1 %). Later calls of that shape take the winner: one cublasLtMatmul, captured into CUDA graphs like any
+other kernel launch. The library is reached with ctypes (the libcublasLt PyTorch already loaded), so nothing is
+built. Each rank decides alone (no collective inside a GEMM).
 
-`TACO_LT_GEMM=0` turns it off; shapes below `TACO_LT_GEMM_MIN_ROWS` rows (default 2048) or 2**22 weight
-elements keep PyTorch's path, as do torch.compile, CPU tensors, other dtypes and layouts cuBLASLt cannot
-take directly.
+Measured on 4 x H200 (benchmarks/RESULTS.md, calls s62-s65): Wan 14B under CFG 2 x Ulysses 2 (16380 rows a rank)
+took 1434-1436 ms a guided step against 1497-1499 ms with PyTorch's choice (s65), bit-identical; one GPU's 32760
+rows gained nothing. Flux 1024²'s GEMMs (at most 4608 rows) did not gain: the isolated timing, with the operands
+warm in L2, did not carry over to the model (its 1-GPU step was 0.5-1.8 % slower, s63). Hence shapes below
+`TACO_LT_GEMM_MIN_ROWS` rows (default 8192) or 2**22 weight elements keep PyTorch's path, as do torch.compile,
+CPU tensors, other dtypes and layouts cuBLASLt cannot take directly. `TACO_LT_GEMM=0` turns it off.
 """
 
 from __future__ import annotations
@@ -53,11 +56,11 @@ def enabled() -> bool:
 
 
 def _min_rows() -> int:
-    return int(os.environ.get("TACO_LT_GEMM_MIN_ROWS", "2048"))
+    return int(os.environ.get("TACO_LT_GEMM_MIN_ROWS", "8192"))
 
 
 def _gain() -> float:
-    return float(os.environ.get("TACO_LT_GEMM_GAIN", "0.02"))
+    return float(os.environ.get("TACO_LT_GEMM_GAIN", "0.01"))
 
 
 class _Library:
@@ -197,28 +200,30 @@ def _torch_path(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu:
     return torch.nn.functional.linear(x2, w, b)
 
 
-def _time_all(fns: list, rounds: int = 3, budget_s: float = 0.01) -> list[float]:
-    """GPU time of one call of each of `fns`, in ms: per round, each one `reps` times back to back between two
-    events (so the launch cost stays off the clock); the rounds alternate between the functions, and each keeps
-    its best round."""
+def _time_all(fns: list, rounds: int = 12, budget_s: float = 0.003) -> list[float]:
+    """GPU time of one call of each of `fns`, in ms. A round runs each function `reps` times back to back between
+    two events (the launch cost stays off the clock); the order rotates from round to round, so that no function
+    is always measured first or last while the clock settles under the power cap, and each function's rounds are
+    summed."""
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fns[0]()
     start.record()
     fns[0]()
     stop.record()
     stop.synchronize()
-    reps = max(3, min(50, int(budget_s * 1e3 / max(start.elapsed_time(stop), 1e-3))))
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            fn()
+    reps = max(2, min(20, int(budget_s * 1e3 / max(start.elapsed_time(stop), 1e-3))))
+    total = [0.0] * len(fns)
+    for r in range(rounds):
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)
+            fns[i]()
             start.record()
             for _ in range(reps):
-                fn()
+                fns[i]()
             stop.record()
             stop.synchronize()
-            best[i] = min(best[i], start.elapsed_time(stop) / reps)
-    return best
+            total[i] += start.elapsed_time(stop)
+    return [t / (rounds * reps) for t in total]
 
 
 def _tune(plan: _Plan, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool) -> bool:
@@ -252,19 +257,34 @@ def _tune(plan: _Plan, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
     return False
 
 
+def refusal(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> str | None:
+    """Why this GEMM keeps PyTorch's path without being tuned ("off", "device", "dtype", "size", "layout",
+    "bias", "autograd"), or None when it is a candidate for a cuBLASLt algorithm."""
+    if not enabled():
+        return "off"
+    if not (x.is_cuda and w.device == x.device):
+        return "device"
+    if x.dtype not in _DTYPES or w.dtype != x.dtype:
+        return "dtype"
+    k, n = x.shape[-1], w.shape[0]
+    if x.numel() // max(k, 1) < _min_rows() or n * k < (1 << 22):
+        return "size"
+    if w.shape[1] != k or w.stride(1) != 1 or w.stride(0) < k:
+        return "layout"
+    if (gelu and b is None) or (b is not None and (b.dtype != x.dtype or b.stride(0) != 1 or b.numel() != n)):
+        return "bias"
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return "autograd"
+    return None
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor | None:
     """x @ w^T (+ b, then the tanh GELU when `gelu`) through the shape's chosen cuBLASLt algorithm, or None when
-    the caller should take PyTorch's path (not eligible, or no candidate faster than it)."""
-    if not (x.is_cuda and x.dtype in _DTYPES and w.dtype == x.dtype and w.device == x.device) or not enabled():
+    the caller should take PyTorch's path (`refusal`, or no candidate faster than it)."""
+    if not x.is_cuda or refusal(x, w, b, gelu) is not None:
         return None
     k, n = x.shape[-1], w.shape[0]
-    m = x.numel() // k if k else 0
-    if m < _min_rows() or n * k < (1 << 22) or w.shape[1] != k or w.stride(1) != 1 or w.stride(0) < k:
-        return None
-    if (gelu and b is None) or (b is not None and (b.dtype != x.dtype or b.stride(0) != 1 or b.numel() != n)):
-        return None
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        return None
+    m = x.numel() // k
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1 or x2.stride(0) < k:
         return None
@@ -288,8 +308,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
             log.info("cuBLASLt GEMM choice for %dx%dx%d failed (%s): PyTorch's path kept", m, n, k, e)
             plan = None
         _PLANS[key] = plan
-        log.debug("cuBLASLt GEMM %dx%dx%d tuned in %.0f ms: %s", m, n, k, (time.perf_counter() - t0) * 1e3,
-                  "cuBLASLt" if plan is not None else "PyTorch")
+        log.info("GEMM %d x %d -> %d%s timed in %.1f s: %s", m, k, n, " + GELU" if gelu else "",
+             time.perf_counter() - t0, "cuBLASLt's algorithm" if plan is not None else "PyTorch's kept")
     if plan is None:
         return None
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
