@@ -1056,6 +1056,9 @@ if [ "$what" = s66 ]; then
   # and graph_memsets
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_lt_gemm_gpu.py tests/test_graph_memsets_gpu.py \
     2>&1 | tail -4
+  # then (run twice, the second time after the settings became module constants) the kernel probe at the default
+  # threshold: the Wan shapes are tuned, the Flux ones (under 8192 rows) keep PyTorch's path
+  timeout 200 python3 benchmarks/probe_lt_gemm.py --out "$OUT/lt_gemm.jsonl" 2>&1 | fj
 fi
 if [ "$what" = s61 ]; then
   # prepared in the tenth session for the next (not run yet): where Wan's guided step under CFG 2 x Ulysses 2 on 4

@@ -46,11 +46,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     """
     if x.ndim == 2 and 1 < x.shape[0] <= 64 and x.device.type == "cpu":
         return torch.cat([F.linear(x[i:i + 1], w, b) for i in range(x.shape[0])])
-    if x.is_cuda:
-        y = lt_gemm.linear(x, w, b)  # large GEMMs: cuBLASLt's fastest bit-identical algorithm
-        if y is not None:
-            return y
-    return F.linear(x, w, b)
+    y = lt_gemm.linear(x, w, b)  # large CUDA GEMMs: cuBLASLt's fastest bit-identical algorithm
+    return F.linear(x, w, b) if y is None else y
 
 
 def _layer_weight(layer: torch.nn.Module, x: torch.Tensor):

@@ -32,9 +32,9 @@ class _FakePlan:
         out.copy_(y if cand.exact else torch.nextafter(y, torch.full_like(y, float("inf"))))
 
 
-def _tune_with(monkeypatch, cands, times, gain="0.02"):
-    monkeypatch.setenv("TACO_LT_GEMM_GAIN", gain)
-    monkeypatch.setattr(lt_gemm, "_time_all", lambda fns: times[:len(fns)])
+def _tune_with(monkeypatch, cands, times, gain=0.02):
+    monkeypatch.setattr(lt_gemm, "GAIN", gain)
+    monkeypatch.setattr(lt_gemm, "time_calls", lambda fns: times[:len(fns)])
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(64, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
     plan = _FakePlan(cands)
@@ -53,7 +53,7 @@ def test_tune_keeps_the_fastest_bit_identical_candidate(monkeypatch):
 def test_tune_keeps_pytorch_without_a_clear_gain(monkeypatch):
     plan, chosen = _tune_with(monkeypatch, [_Cand("a", True), _Cand("b", True)], [1.00, 0.99, 0.985])
     assert not chosen and plan.algo is None  # 1.5 % faster: below the 2 % margin set here
-    plan, chosen = _tune_with(monkeypatch, [_Cand("a", True)], [1.00, 0.99], gain="0.005")
+    plan, chosen = _tune_with(monkeypatch, [_Cand("a", True)], [1.00, 0.99], gain=0.005)
     assert chosen and plan.algo.name == "a"
 
 
@@ -73,7 +73,7 @@ def test_refusal_names_what_keeps_pytorchs_path(monkeypatch, case, reason):
     if case == "few-rows":
         x = x[:4096]  # below the default TACO_LT_GEMM_MIN_ROWS (8192)
     if case == "disabled":
-        monkeypatch.setenv("TACO_LT_GEMM", "0")
+        monkeypatch.setattr(lt_gemm, "ENABLED", False)
     if case == "pitched-weight":
         w = torch.randn(2048, 4096, dtype=torch.bfloat16)[:, ::2]
     if case == "bias":

@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("rows", [16380, 4608])
 def test_tuned_gemm_is_bit_identical_and_graph_safe(monkeypatch, rows, gelu):
-    monkeypatch.setenv("TACO_LT_GEMM_GAIN", "-1")  # take cuBLASLt's best even when slower: its path is under test
-    monkeypatch.setenv("TACO_LT_GEMM_MIN_ROWS", "2048")
+    monkeypatch.setattr(lt_gemm, "GAIN", -1.0)  # take cuBLASLt's best even when slower: its path is under test
+    monkeypatch.setattr(lt_gemm, "MIN_ROWS", 2048)
     torch.manual_seed(rows + gelu)
     x = torch.randn(1, rows, 3072, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(5120, 3072, device="cuda", dtype=torch.bfloat16) / 3072 ** 0.5

@@ -51,16 +51,14 @@ class _Heuristic(ctypes.Structure):
                 ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
 
-def enabled() -> bool:
-    return os.environ.get("TACO_LT_GEMM", "1").strip().lower() not in ("0", "off", "false", "no")
+def _settings() -> tuple[bool, int, float]:
+    """(on, minimum rows, required gain) from TACO_LT_GEMM, TACO_LT_GEMM_MIN_ROWS and TACO_LT_GEMM_GAIN, read once at
+    import: `refusal` runs before every CUDA linear layer, so it reads module constants, not the environment."""
+    on = os.environ.get("TACO_LT_GEMM", "1").strip().lower() not in ("0", "off", "false", "no")
+    return on, int(os.environ.get("TACO_LT_GEMM_MIN_ROWS", "8192")), float(os.environ.get("TACO_LT_GEMM_GAIN", "0.01"))
 
 
-def _min_rows() -> int:
-    return int(os.environ.get("TACO_LT_GEMM_MIN_ROWS", "8192"))
-
-
-def _gain() -> float:
-    return float(os.environ.get("TACO_LT_GEMM_GAIN", "0.01"))
+ENABLED, MIN_ROWS, GAIN = _settings()
 
 
 class _Library:
@@ -134,8 +132,7 @@ class _Plan:
 
     def __init__(self, lib: _Library, m: int, n: int, k: int, ldx: int, ldw: int, dtype: int, epilogue: int,
                  aligns: tuple[int, int, int, int]):
-        self.lib, self.m, self.n = lib, m, n
-        self.epilogue = epilogue
+        self.lib, self.epilogue = lib, epilogue
         L = lib.lib
         self.desc = ctypes.c_void_p()
         lib.check(L.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _R_32F), "MatmulDescCreate")
@@ -200,7 +197,7 @@ def _torch_path(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu:
     return torch.nn.functional.linear(x2, w, b)
 
 
-def _time_all(fns: list, rounds: int = 12, budget_s: float = 0.003) -> list[float]:
+def time_calls(fns: list, rounds: int = 12, budget_s: float = 0.003) -> list[float]:
     """GPU time of one call of each of `fns`, in ms. A round runs each function `reps` times back to back between
     two events (the launch cost stays off the clock); the order rotates from round to round, so that no function
     is always measured first or last while the clock settles under the power cap, and each function's rounds are
@@ -242,16 +239,16 @@ def _tune(plan: _Plan, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
             continue
     if not same:
         return False
-    times = _time_all([lambda: _torch_path(x2, w, b, gelu)]
+    times = time_calls([lambda: _torch_path(x2, w, b, gelu)]
                       + [lambda c=c: plan.run(c, x2, w, bias_ptr, out) for c in same])
     base = times[0]
     best_ms, best = min(zip(times[1:], same), key=lambda t: t[0])
     _STATS[(x2.shape[0], w.shape[0], w.shape[1], gelu)] = dict(
         candidates=len(plan.tried), identical_candidates=len(same), tune_torch_ms=round(base, 4),
-        tune_best_ms=round(best_ms, 4), best_waves=round(best.waves, 3), lt_chosen=best_ms < base * (1.0 - _gain()))
+        tune_best_ms=round(best_ms, 4), best_waves=round(best.waves, 3), lt_chosen=best_ms < base * (1.0 - GAIN))
     log.debug("cuBLASLt GEMM %dx%dx%d%s: PyTorch %.4f ms, best of %d bit-identical candidates %.4f ms",
               x2.shape[0], w.shape[0], w.shape[1], " +gelu" if gelu else "", base, len(same), best_ms)
-    if best_ms < base * (1.0 - _gain()):
+    if best_ms < base * (1.0 - GAIN):
         plan.algo = best
         return True
     return False
@@ -260,15 +257,17 @@ def _tune(plan: _Plan, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
 def refusal(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> str | None:
     """Why this GEMM keeps PyTorch's path without being tuned ("off", "device", "dtype", "size", "layout",
     "bias", "autograd"), or None when it is a candidate for a cuBLASLt algorithm."""
-    if not enabled():
+    if not x.is_cuda:
+        return "device"
+    k, n = x.shape[-1], w.shape[0]
+    if x.numel() < MIN_ROWS * k or n * k < (1 << 22):
+        return "size"
+    if not ENABLED:
         return "off"
-    if not (x.is_cuda and w.device == x.device):
+    if w.device != x.device:
         return "device"
     if x.dtype not in _DTYPES or w.dtype != x.dtype:
         return "dtype"
-    k, n = x.shape[-1], w.shape[0]
-    if x.numel() // max(k, 1) < _min_rows() or n * k < (1 << 22):
-        return "size"
     if w.shape[1] != k or w.stride(1) != 1 or w.stride(0) < k:
         return "layout"
     if (gelu and b is None) or (b is not None and (b.dtype != x.dtype or b.stride(0) != 1 or b.numel() != n)):
@@ -281,7 +280,7 @@ def refusal(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor | None:
     """x @ w^T (+ b, then the tanh GELU when `gelu`) through the shape's chosen cuBLASLt algorithm, or None when
     the caller should take PyTorch's path (`refusal`, or no candidate faster than it)."""
-    if not x.is_cuda or refusal(x, w, b, gelu) is not None:
+    if refusal(x, w, b, gelu) is not None:
         return None
     k, n = x.shape[-1], w.shape[0]
     m = x.numel() // k
