@@ -147,7 +147,6 @@ class _Plan:
             self.layouts.append(lay)
         self.aligns = aligns
         self.algo: _Heuristic | None = None
-        self.tried: list[_Heuristic] = []
         self.bias_ptr = ctypes.c_void_p()
 
     def set_bias(self, ptr: int):
@@ -228,9 +227,8 @@ def _tune(plan: _Plan, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
     bias_ptr = b.data_ptr() if b is not None else 0
     reference = _torch_path(x2, w, b, gelu)
     out = torch.empty_like(reference)
-    same = []
-    plan.tried = plan.candidates(x2.device.index, bias_ptr)
-    for cand in plan.tried:
+    same, tried = [], plan.candidates(x2.device.index, bias_ptr)
+    for cand in tried:
         try:
             plan.run(cand, x2, w, bias_ptr, out)
             if torch.equal(out, reference):
@@ -243,15 +241,13 @@ def _tune(plan: _Plan, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
                       + [lambda c=c: plan.run(c, x2, w, bias_ptr, out) for c in same])
     base = times[0]
     best_ms, best = min(zip(times[1:], same), key=lambda t: t[0])
+    chosen = best_ms < base * (1.0 - GAIN)
     _STATS[(x2.shape[0], w.shape[0], w.shape[1], gelu)] = dict(
-        candidates=len(plan.tried), identical_candidates=len(same), tune_torch_ms=round(base, 4),
-        tune_best_ms=round(best_ms, 4), best_waves=round(best.waves, 3), lt_chosen=best_ms < base * (1.0 - GAIN))
-    log.debug("cuBLASLt GEMM %dx%dx%d%s: PyTorch %.4f ms, best of %d bit-identical candidates %.4f ms",
-              x2.shape[0], w.shape[0], w.shape[1], " +gelu" if gelu else "", base, len(same), best_ms)
-    if best_ms < base * (1.0 - GAIN):
+        candidates=len(tried), identical_candidates=len(same), tune_torch_ms=round(base, 4),
+        tune_best_ms=round(best_ms, 4), best_waves=round(best.waves, 3), lt_chosen=chosen)
+    if chosen:
         plan.algo = best
-        return True
-    return False
+    return chosen
 
 
 def refusal(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> str | None:
@@ -299,6 +295,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
             return None
         epilogue = _EPI_GELU_BIAS if gelu else (_EPI_BIAS if b is not None else _EPI_DEFAULT)
         t0 = time.perf_counter()
+        _STATS.pop((m, n, k, gelu), None)  # the log below reports this tuning only
         try:
             plan = _Plan(lib, m, n, k, x2.stride(0), w.stride(0), _DTYPES[x.dtype], epilogue, aligns)
             if not _tune(plan, x2, w, b, gelu):
@@ -307,8 +304,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool 
             log.info("cuBLASLt GEMM choice for %dx%dx%d failed (%s): PyTorch's path kept", m, n, k, e)
             plan = None
         _PLANS[key] = plan
-        log.info("GEMM %d x %d -> %d%s timed in %.1f s: %s", m, k, n, " + GELU" if gelu else "",
-             time.perf_counter() - t0, "cuBLASLt's algorithm" if plan is not None else "PyTorch's kept")
+        found = _STATS.get((m, n, k, gelu), {})
+        log.info("GEMM %d x %d -> %d%s timed in %.1f s (PyTorch %s ms, best bit-identical cuBLASLt %s ms): %s", m, k,
+                 n, " + GELU" if gelu else "", time.perf_counter() - t0, found.get("tune_torch_ms", "-"),
+                 found.get("tune_best_ms", "-"), "cuBLASLt's algorithm" if plan is not None else "PyTorch's kept")
     if plan is None:
         return None
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
