@@ -88,6 +88,15 @@ def emit(out_path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def wave_label() -> str:
+    """The attention splits this rank chose (comfy/taco_dit/utils/wave_attention.py), e.g. "22/3", or "off"."""
+    from comfy.taco_dit.utils import wave_attention
+    if not wave_attention.ENABLED:
+        return "off"
+    chosen = sorted({f"{s.main}/{s.parts}" for s in wave_attention.decisions().values() if s is not None})
+    return ",".join(chosen) or "none chosen"
+
+
 def card() -> str:
     return torch.cuda.get_device_name(0)
 
@@ -218,6 +227,7 @@ def run_parallel(args) -> None:
         for backend, fused in variants(args.attention, args.fused):
             use_variant(backend, fused)
             run_parallel_configs(args, model, original, meshes, size, (x, t, ctx, y, g), backend, rank, world)
+    print(json.dumps({"rank": rank, "wave_attention": wave_label()}), flush=True)
     release_all()
     dist.destroy_process_group()
 
@@ -256,7 +266,8 @@ def run_parallel_configs(args, model, original, meshes, size, batch, backend, ra
                 rel = (diff.norm() / reference.float().norm()).item()
                 emit(args.out, {"impl": "taco-dit", "mode": mode, "attention": backend, "fused": fused_label(), "gpus": world,
                                 "size": size, "config": cfg_name, "step_ms": round(ms, 2), "max_abs_diff_vs_1gpu":
-                                round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card()})
+                                round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card(),
+                                "wave_attention": wave_label()})
         model.forward_orig = original
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -1050,6 +1050,22 @@ if [ "$what" = s65 ]; then
     TACO_LT_GEMM=$lt timeout 120 torchrun --nproc_per_node=4 benchmarks/bench_wan_step.py --cfg --configs c2u2 \
       --out "$OUT/wan_cfg_4gpu_lt$lt.jsonl" 2>&1 | fj | sed "s/^/wan 4gpu lt$lt /"
   done
+fi
+if [ "$what" = s68 ]; then
+  # twelfth session: wave_attention as committed (a rank's attention with its small last wave run over parts of the
+  # keys). Its GPU tests on GPU 3; then Flux 1024² on 2 GPUs (0-1, ring 2, CUDA graph) with TACO_WAVE_ATTN=1, 0, 1,
+  # 0, the 1-GPU step beside on GPUs 2 and 3; then the fork path (1 GPU on GPU 2, then 2 GPUs)
+  CUDA_VISIBLE_DEVICES=3 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_wave_attention_gpu.py \
+    2>&1 | tail -4
+  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
+  for m in 1 0 1 0; do flux_r2 "step_2gpu_wave$m.jsonl" TACO_WAVE_ATTN=$m; done
+  wait
+  fork_1gpu_then_2gpu 2
+fi
+if [ "$what" = s67 ]; then
+  # twelfth session, one GPU: ring 2's attention with its last wave split over parts of the keys (kernels, every
+  # plan cuDNN's frontend offers, and a 38-block mini-step at the power limit; probe_attention_tail.py)
+  timeout 420 python3 benchmarks/probe_attention_tail.py --seconds 20 --out "$OUT/attention_tail.jsonl" 2>&1 | fj
 fi
 if [ "$what" = s66 ]; then
   # eleventh session, one GPU: the GPU tests of lt_gemm (as committed: 8192-row threshold, rotating tuning rounds)

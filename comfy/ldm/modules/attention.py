@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from comfy.taco_dit.utils import wave_attention
+
 OVERRIDE_KEY = "optimized_attention_override"
 # Cross-attention (queries from image/video tokens, keys from text) must say so: an override that splits
 # the token sequence across ranks (sequence parallel) has to leave such calls local, because every rank
@@ -123,6 +125,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         key = (tuple(q.shape), tuple(k.shape), q.dtype)
         if key not in _cudnn_refused:
             try:
+                # a call whose last wave of tiles would be small may run it over parts of the keys instead
+                out = wave_attention.sdpa(q, k, v)
+                if out is not None:
+                    return out
                 return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0]
             except RuntimeError as e:  # a layout or size this cuDNN build does not take: SDPA's choice
                 _cudnn_refused[key] = str(e)[:300]

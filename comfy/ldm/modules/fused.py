@@ -311,3 +311,33 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     return _run_checked(_modulate_state, "LayerNorm + modulation", x.device, target,
                         lambda: _modulate_launch(x, shift, scale, eps, target, strides),
                         lambda: layernorm_modulate_reference(x, shift, scale, eps))
+
+
+_merge_state: dict = {"triton": None, "verified": set(), "disabled": False, "kernel": "lse_merge_kernel"}
+
+
+def lse_merge_reference(parts: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Attention over P parts of the keys merged into attention over all of them: parts [P, H, L, D], lse
+    [P, H, L] (each part's log-sum-exp of its scaled scores) -> [H, L, D] float32."""
+    weights = torch.softmax(lse.float(), dim=0).unsqueeze(-1)
+    return (weights * parts.float()).sum(0)
+
+
+def lse_merge(parts: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`lse_merge_reference` written into `out` ([H, L, D], any strides with D contiguous, e.g. some heads of a
+    token-major attention output): one Triton pass on CUDA (checked against the reference on first use per
+    device), PyTorch ops elsewhere."""
+    p, h, length, d = parts.shape
+    usable = (out.is_cuda and _enabled(_merge_state) and parts.stride(-1) == 1 and out.stride(-1) == 1
+              and lse.dtype == torch.float32 and d & (d - 1) == 0 and _load(_merge_state))
+    if not usable:
+        return out.copy_(lse_merge_reference(parts, lse))
+
+    def launch():
+        n_rows, block_r = h * length, 16
+        args = (parts, lse, out, n_rows, length, *parts.stride()[:3], *lse.stride(), *out.stride()[:2])
+        meta = dict(D=d, PARTS=p, BLOCK_R=block_r, num_warps=4)
+        _run(_merge_state["triton"], ((n_rows + block_r - 1) // block_r,), args, meta, out.device)
+
+    return _run_checked(_merge_state, "lse_merge", out.device, out, launch,
+                        lambda: lse_merge_reference(parts, lse).to(out.dtype))

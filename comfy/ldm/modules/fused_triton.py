@@ -71,3 +71,27 @@ def layernorm_modulate_kernel(x_ptr, sh_ptr, sc_ptr, o_ptr, n_rows, n1, C, xs0, 
     one_plus = (sc + 1.0).to(sc_ptr.dtype.element_ty).to(tl.float32)  # `1 + scale` is its own op
     y = tl.fma(normed, one_plus, sh)  # addcmul: float32, one rounding (PyTorch uses fma when value == 1)
     tl.store(o_ptr + (i0 * os0 + i1 * os1)[:, None] + c[None, :], y.to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def lse_merge_kernel(o_ptr, l_ptr, y_ptr, n_rows, n1, os0, os1, os2, ls0, ls1, ls2, ys0, ys1,
+                     D: tl.constexpr, PARTS: tl.constexpr, BLOCK_R: tl.constexpr):
+    # rows are the (head, query) pairs of [n0, n1]; part p's output row is o[p, h, l, :] and its log-sum-exp
+    # l[p, h, l]; the merged row y[h, l, :] = sum_p exp(l_p - max) o_p / sum_p exp(l_p - max), in float32
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    h = (rows // n1).to(tl.int64)
+    q = (rows % n1).to(tl.int64)
+    c = tl.arange(0, D)
+    top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for p in tl.static_range(PARTS):
+        top = tl.maximum(top, tl.load(l_ptr + p * ls0 + h * ls1 + q * ls2, mask=rmask, other=0.0))
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    den = tl.zeros([BLOCK_R], tl.float32)
+    for p in tl.static_range(PARTS):
+        w = tl.exp(tl.load(l_ptr + p * ls0 + h * ls1 + q * ls2, mask=rmask, other=0.0) - top)
+        o = tl.load(o_ptr + (p * os0 + h * os1 + q * os2)[:, None] + c[None, :], mask=rmask[:, None], other=0.0)
+        acc += w[:, None] * o.to(tl.float32)
+        den += w
+    y = acc / den[:, None]
+    tl.store(y_ptr + (h * ys0 + q * ys1)[:, None] + c[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
