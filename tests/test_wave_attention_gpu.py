@@ -1,6 +1,6 @@
-"""GPU checks of wave_attention through cuDNN and its frontend: at a ring-2 rank's Flux 1024² shape the split runs
-(forced past the timing margin), agrees with one cuDNN call, writes every head, and replays from a captured CUDA
-graph on new inputs; one GPU's shape keeps the single call.
+"""GPU checks of wave_attention through cuDNN and its frontend: at a ring-2 rank's Flux 1024² shape the split is chosen
+(forced past the timing margin), agrees with one cuDNN call, writes every head, and is what a captured CUDA graph
+runs, replayed on new inputs; one GPU's shape keeps the single call.
 
 Marked `gpu` (excluded from CPU runs; run on the GPU machines: `pytest -m gpu tests/test_wave_attention_gpu.py`).
 Needs `nvidia-cudnn-frontend` (requirements_taco_dit.txt).
@@ -36,10 +36,11 @@ def test_split_agrees_with_one_call_and_replays_in_a_graph(monkeypatch):
     q, k, v = _inputs(2304, 4608, 0)
     assert wa.refusal(q, k, v) is None
     with torch.inference_mode():
-        got = wa.sdpa(q, k, v)
+        assert wa.sdpa(q, k, v) is None  # eager: decides, and keeps the single call
         split = wa.decisions()[wa._key(q, k, v)]
         assert isinstance(split, wa.Split) and (split.main, split.parts) in wa.candidates(24, 2304, 4608,
                                                                                           wa._sm_count(q.device))
+        got = wa.run_split(split, q, k, v)
         want = _single(q, k, v)
         assert got.shape == want.shape
         assert got.transpose(1, 2).is_contiguous()  # token-major, as cuDNN's own output
@@ -50,7 +51,9 @@ def test_split_agrees_with_one_call_and_replays_in_a_graph(monkeypatch):
         out = torch.empty_like(got)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out.copy_(wa.sdpa(q, k, v))
+            captured = wa.sdpa(q, k, v)  # under capture: the split
+            assert captured is not None
+            out.copy_(captured)
         q2, k2, v2 = _inputs(2304, 4608, 1)
         q.copy_(q2)
         k.copy_(k2)

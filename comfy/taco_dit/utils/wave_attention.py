@@ -14,7 +14,8 @@ of the keys each: one short wave. s67 measured 0.2095 against 0.2331 ms, and a 3
 attention at the power limit 40.21 against 40.99 ms. The result differs from the single call by float rounding
 (max. 0.001 at unit-scale inputs).
 
-Which split, if any, is decided per shape on first use outside graph capture: the candidates whose tail fits in
+The split runs inside CUDA graphs only (see `sdpa`); which split, if any, is decided per shape on first use
+outside graph capture: the candidates whose tail fits in
 one wave are timed against the single call, each replayed from a CUDA graph, in rotating rounds, and the fastest
 wins if it beats the single call by `TACO_WAVE_ATTN_GAIN` (default 3 %); it is also checked against the single
 call's output first. Shapes of more than `MAX_WAVES` waves keep the single call untimed (their last wave is a small
@@ -258,13 +259,17 @@ def _key(q, k, v) -> tuple:
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """Attention through the chosen split of this shape, or None where the caller's single call should run
-    (refused, decided against, or first seen under graph capture)."""
+    """Attention through the chosen split of this shape while a CUDA graph is captured, or None where the
+    caller's single call should run: refused, decided against, first seen under capture, or eager. Eager calls
+    decide (the warm-up before a capture) but keep the single call: the frontend's execute is Python work on every
+    call, which a graph pays once; eager 2-GPU Flux steps measured 117.0 and 119.2 ms with the split against 103.0
+    and 86.5 ms without (call s68), their GPU work starved by the host."""
     if refusal(q, k, v) is not None:
         return None
     key = _key(q, k, v)
+    capturing = torch.cuda.is_current_stream_capturing()
     if key not in _decisions:
-        if torch.cuda.is_current_stream_capturing():
+        if capturing:
             return None
         try:
             _decisions[key] = decide(q, k, v)
@@ -272,7 +277,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | No
             log.warning("attention split tuning failed (%s); one cuDNN call per layer", str(e)[:300])
             _decisions[key] = None
     split = _decisions[key]
-    return run_split(split, q, k, v) if split is not None else None
+    return run_split(split, q, k, v) if split is not None and capturing else None
 
 
 def decisions() -> dict:
