@@ -289,19 +289,28 @@ def mini_step(best: dict, seconds: float) -> None:
     graphs = {}
     for name, fn in variants.items():
         try:
-            fwd = block_stack(fn)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fwd()
-            torch.cuda.current_stream().wait_stream(s)
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr):
-                fwd()
-            graphs[name] = gr
+            graphs[name] = capture(block_stack(fn))
         except Exception as e:  # noqa: BLE001
             emit({"part": "mini_step", "variant": name, "error": f"{type(e).__name__}: {e}"[:300]})
-    # warm to the power limit
+    alternate(graphs, seconds, "single", {"part": "mini_step"})
+
+
+def capture(fwd) -> torch.cuda.CUDAGraph:
+    """`fwd` run once on a side stream, then captured into a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fwd()
+    torch.cuda.current_stream().wait_stream(s)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        fwd()
+    return gr
+
+
+def alternate(graphs: dict, seconds: float, base: str, tags: dict) -> dict:
+    """Replay the graphs in turn for `seconds` after 3 s of warming to the power limit; emit and return each one's
+    median replay time (ms), against `base`'s."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 3.0:
         for gr in graphs.values():
@@ -320,11 +329,11 @@ def mini_step(best: dict, seconds: float) -> None:
                 b.record()
             b.synchronize()
             times[name].append(a.elapsed_time(b))
-    base = statistics.median(times["single"])
+    medians = {n: statistics.median(ts) for n, ts in times.items()}
     for name, ts in times.items():
-        med = statistics.median(ts)
-        emit({"part": "mini_step", "variant": name, "ms": round(med, 3), "vs_single": round(med / base, 4),
-              "rounds": rounds, "spread": round((max(ts) - min(ts)) / med, 4)})
+        emit({**tags, "variant": name, "ms": round(medians[name], 3), "vs_base": round(medians[name] / medians[base], 4),
+              "rounds": rounds, "spread": round((max(ts) - min(ts)) / medians[name], 4)})
+    return medians
 
 
 def main() -> None:
