@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|s69|s70|s71|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|s69|s70|s71|s72|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -1088,6 +1088,17 @@ if [ "$what" = s71 ]; then
   # twelfth session, one GPU: every cuBLASLt candidate (bit-identical or not) of a rank's Flux GEMMs at 2304 and 2048
   # rows, timed sustained, with its difference to PyTorch's result: would a split-K or stream-K kernel fill the waves?
   timeout 400 python3 benchmarks/probe_gemm_sustained.py --inexact --out "$OUT/gemm_inexact.jsonl" 2>&1 | fj
+fi
+if [ "$what" = s72 ]; then
+  # twelfth session: the ring gather's arrival signalled by flags (stream memory operations) instead of a barrier
+  # kernel (TACO_RING_SIGNAL=flags|barrier): Flux 1024² on 2 GPUs (0-1, ring 2, CUDA graph) in the order barrier,
+  # flags, barrier, flags, the 1-GPU step beside on GPUs 2 and 3; then the fork path with flags (1 GPU on GPU 2,
+  # then 2 GPUs)
+  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
+  for m in barrier flags barrier flags; do flux_r2 "step_2gpu_$m.jsonl" TACO_RING_SIGNAL=$m; done
+  wait
+  export TACO_RING_SIGNAL=flags
+  fork_1gpu_then_2gpu 2
 fi
 if [ "$what" = s67 ]; then
   # twelfth session, one GPU: ring 2's attention with its last wave split over parts of the keys (kernels, every
