@@ -1094,11 +1094,15 @@ if [ "$what" = s72 ]; then
   # kernel (TACO_RING_SIGNAL=flags|barrier): Flux 1024² on 2 GPUs (0-1, ring 2, CUDA graph) in the order barrier,
   # flags, barrier, flags, the 1-GPU step beside on GPUs 2 and 3; then the fork path with flags (1 GPU on GPU 2,
   # then 2 GPUs)
-  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
+  # (on a 2-GPU machine: the 1-GPU step on GPU 0 before the 2-GPU runs and on GPU 1 after them, the fork path's
+  # 1-GPU run on GPU 0)
+  if [ "$ngpu" -ge 4 ]; then for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
+  else flux_1gpu_bg 0 step_gpu0.jsonl; wait; fi
   for m in barrier flags barrier flags; do flux_r2 "step_2gpu_$m.jsonl" TACO_RING_SIGNAL=$m; done
+  [ "$ngpu" -ge 4 ] || flux_1gpu_bg 1 step_gpu1.jsonl
   wait
   export TACO_RING_SIGNAL=flags
-  fork_1gpu_then_2gpu 2
+  if [ "$ngpu" -ge 4 ]; then fork_1gpu_then_2gpu 2; else fork_1gpu_then_2gpu 0; fi
 fi
 if [ "$what" = s67 ]; then
   # twelfth session, one GPU: ring 2's attention with its last wave split over parts of the keys (kernels, every
