@@ -107,17 +107,6 @@ def test_ring_mode_setting(monkeypatch):
         ring_mode()
 
 
-def test_ring_signal_setting(monkeypatch):
-    from comfy.taco_dit.parallel.exchange import ring_signal
-
-    for value, want in (("", "barrier"), ("barrier", "barrier"), ("FLAGS", "flags")):
-        monkeypatch.setenv("TACO_RING_SIGNAL", value)
-        assert ring_signal() == want
-    monkeypatch.setenv("TACO_RING_SIGNAL", "semaphore")
-    with pytest.raises(ValueError, match="use barrier or flags"):
-        ring_signal()
-
-
 def test_ulysses_return_setting(monkeypatch):
     from comfy.taco_dit.parallel.sp_attention import _return_interleaved
 

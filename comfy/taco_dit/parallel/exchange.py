@@ -22,14 +22,6 @@ is read by the interleave, or where it arrived in head order (`start(interleave=
 projection, before the next layer's q/k/v go out). When one exchange object is used twice
 in a row, it adds a barrier before the writes, which makes the reuse safe in every order.
 `TACO_A2A=auto|nccl|symm` chooses the transport (see `transport`).
-
-The in-place ring gather (`start_gather`) can signal arrival with flags instead of the barrier
-(`TACO_RING_SIGNAL=flags`, see `ring_signal`): a sender's copy stream sets its flag in the receiver's memory right
-after its copy, and the receiver's stream waits for it, so a rank no longer waits for its peers to finish the work
-they run beside the transfer. Reuse stays safe where the gathers alternate between two exchanges (the ring's
-parity): a peer's write into buffer b at layer i follows, in its own stream order, its wait for this rank's flag of
-layer i-1, which this rank set after its layer i-1 k/v were computed, so after its attention of layer i-2, the last
-reader of b. A step's end (the all-gather of the output) orders the next step's first writes likewise.
 """
 
 from __future__ import annotations
@@ -66,8 +58,7 @@ def release_all() -> None:
         ex.group._exchanges = {k: v for k, v in ex.group._exchanges.items() if v is not ex}
         if ex.group._last_exchange is ex:
             ex.group._last_exchange = None
-        ex.handle = ex.peers = ex.flags = None
-        ex.flag_handle = None
+        ex.handle = ex.peers = None
     _live.clear()
     _arenas.clear()
     gc.collect()
@@ -232,55 +223,11 @@ def _plain_copy(stream, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-_memops_fns: list = []  # [(wait, write) or None], looked up once
-_WAIT_EQ = 1  # CU_STREAM_WAIT_VALUE_EQ
-
-
-def _memops():
-    """(cuStreamWaitValue32, cuStreamWriteValue32) of the CUDA driver this process loaded, or None. Stream memory
-    operations wait for / write a 32-bit value from a stream's queue, with no kernel; they are captured into CUDA
-    graphs as memory-operation nodes."""
-    if not _memops_fns:
-        fns = None
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-            found = []
-            for name in ("cuStreamWaitValue32", "cuStreamWriteValue32"):
-                fn = getattr(lib, name + "_v2", None) or getattr(lib, name)
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                found.append(fn)
-            fns = tuple(found)
-        except (OSError, AttributeError) as e:
-            logging.info("No CUDA stream memory operations (%s): ring exchanges signal with barriers", e)
-        _memops_fns.append(fns)
-    return _memops_fns[0]
-
-
-def ring_signal() -> str:
-    """How the in-place ring gather (`SymmetricExchange.start_gather`) tells a rank its peers' blocks arrived:
-    "barrier" (a device barrier kernel of the whole group after the rank's side work) or "flags" (each sender's
-    copy stream writes a flag into the receiver's memory once its copy is done, and the receiver's stream waits for
-    the flags with stream memory operations: no kernel, and no wait for the peers' side work).
-    `TACO_RING_SIGNAL=barrier|flags`."""
-    want = os.environ.get("TACO_RING_SIGNAL", "barrier").strip().lower() or "barrier"
-    if want not in ("barrier", "flags"):
-        raise ValueError(f"TACO_RING_SIGNAL={want!r}: use barrier or flags")
-    return want
-
-
-def _memop(fn, stream, ptr: int, value: int, flags: int, what: str) -> None:
-    err = fn(ctypes.c_void_p(stream.cuda_stream), ctypes.c_uint64(ptr), ctypes.c_uint32(value), flags)
-    if err:
-        raise RuntimeError(f"{what} failed with CUDA driver error {err}; set TACO_RING_SIGNAL=barrier")
-
-
 class Pending:
     """An exchange in flight; `wait()` orders the current stream after it and returns what arrived."""
 
-    def __init__(self, recv: torch.Tensor, work=None, streams=(), barrier=None, keep=None, arrived=None):
+    def __init__(self, recv: torch.Tensor, work=None, streams=(), barrier=None, keep=None):
         self.recv, self.work, self.streams, self.barrier = recv, work, streams, barrier
-        self.arrived = arrived  # instead of the barrier: orders the current stream after the peers' flags
         self.keep = keep  # the sent tensor, alive until the exchange is waited for
         # True where what arrives is [*lead, P, *tail] (SymmetricExchange.start(interleave=True)), not [P, *block]
         self.interleaved = False
@@ -290,9 +237,7 @@ class Pending:
             self.work.wait()
         for stream in self.streams:
             torch.cuda.current_stream(self.recv.device).wait_stream(stream)
-        if self.arrived is not None:
-            self.arrived()
-        elif self.barrier is not None:
+        if self.barrier is not None:
             self.barrier()
         self.keep = None
         return self.recv
@@ -335,33 +280,10 @@ class SymmetricExchange:
         self.peers = [self.handle.get_buffer(r, shape, dtype) for r in range(p)]
         self.rank = group.rank_in_group
         self.channel = channel
-        self.flags = None
-        if device.type == "cuda" and ring_signal() == "flags" and _memops() is not None:
-            # flags[r] on this rank: set to 1 by rank r's copy stream once its block is here, back to 0 once read.
-            # Built (collectively) with the exchange, zeroed everywhere before anyone can write.
-            flags = symm_mem.empty(p, dtype=torch.int32, device=device)
-            self.flag_handle = symm_mem.rendezvous(flags, name)
-            flags.zero_()
-            self.flag_handle.barrier(channel=self.channel)
-            self.flags = [self.flag_handle.get_buffer(r, (p,), torch.int32) for r in range(p)]
         _live.append(self)
 
     def _barrier(self) -> None:
         self.handle.barrier(channel=self.channel)
-
-    def _signal_arrival(self, side, r: int) -> None:
-        """On `side`, after this rank's copy to rank r: rank r's flag for this rank goes to 1."""
-        _memop(_memops()[1], side, self.flags[r][self.rank:].data_ptr(), 1, 0, "cuStreamWriteValue32")
-
-    def _await_arrivals(self) -> None:
-        """The current stream waits until every peer's flag here is 1, then sets them back to 0."""
-        wait, write = _memops()
-        stream = torch.cuda.current_stream(self.flags[self.rank].device)
-        for r in range(self.group.size):
-            if r != self.rank:
-                ptr = self.flags[self.rank][r:].data_ptr()
-                _memop(wait, stream, ptr, 1, _WAIT_EQ, "cuStreamWaitValue32")
-                _memop(write, stream, ptr, 0, 0, "cuStreamWriteValue32")
 
     def start(self, blocks: torch.Tensor | None = None, *, write=None, background: bool = False,
               interleave: bool = False) -> Pending:
@@ -453,8 +375,6 @@ class SymmetricExchange:
         src = region(self.own_block())
         shape = pitched_rows(src)
         copy2d = _memcpy2d() if shape is not None else None
-        flags = self.flags is not None and src.device.type == "cuda"
-
         def copy(r, side):
             dst = region(self.peers[r][self.rank])
             if copy2d is None or side is None:  # contiguous (a memcpy), or host memory (tests)
@@ -462,14 +382,9 @@ class SymmetricExchange:
             else:
                 rows, width, pitch = shape
                 _copy2d(copy2d, side, dst, pitch, src, pitch, width, rows)
-            if flags:
-                self._signal_arrival(side, r)
 
         streams = _on_side_streams(src.device, [r for r in range(self.group.size) if r != self.rank], copy)
-        # with flags the current stream first joins this rank's own copies (so its flags are written before it
-        # waits for anyone's: no rank can wait on a flag that waits on it), then waits for the peers' flags
-        return Pending(self.peers[self.rank], streams=streams, barrier=self._barrier,
-                       arrived=self._await_arrivals if flags else None)
+        return Pending(self.peers[self.rank], streams=streams, barrier=self._barrier)
 
 
 class ArenaFull(RuntimeError):
@@ -537,7 +452,6 @@ class ArenaExchange(SymmetricExchange):
         self.rank = group.rank_in_group
         self.others = [w for i, w in enumerate(group.ranks) if i != self.rank]
         self.channel = channel
-        self.flags = None  # sub-group exchanges signal with put/wait_signal (below)
         _live.append(self)
 
     def _barrier(self) -> None:
