@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from comfy.ldm.modules.fused import lse_merge, lse_merge_reference  # noqa: E402
+from comfy.taco_dit.utils.wave_attention import graph_of  # noqa: E402
 
 H, D = 24, 128
 OUT_PATH = None
@@ -297,15 +298,7 @@ def mini_step(best: dict, seconds: float) -> None:
 
 def capture(fwd) -> torch.cuda.CUDAGraph:
     """`fwd` run once on a side stream, then captured into a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fwd()
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        fwd()
-    return gr
+    return graph_of(fwd, reps=1)
 
 
 def alternate(graphs: dict, seconds: float, base: str, tags: dict) -> dict:

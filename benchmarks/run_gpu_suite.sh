@@ -51,6 +51,15 @@ flux_r2() { local out=$1; shift
   echo "2 GPUs${*:+, $*}"
   env CUDA_VISIBLE_DEVICES=0,1 "$@" timeout 120 torchrun --nproc_per_node=2 benchmarks/bench_flux_step.py \
     --sizes 1024 --graph --configs r2 --out "$OUT/$out" 2>&1 | fj; }
+# twelfth session: wave_attention's GPU tests on GPU 3, then Flux 1024² on 2 GPUs (0-1, ring 2, CUDA graph) with
+# TACO_WAVE_ATTN=1, 0, 1, 0, the 1-GPU step beside on GPUs 2 and 3
+wave_on_off() {
+  CUDA_VISIBLE_DEVICES=3 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_wave_attention_gpu.py \
+    2>&1 | tail -2
+  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
+  for m in 1 0 1 0; do flux_r2 "step_2gpu_wave$m.jsonl" TACO_WAVE_ATTN=$m; done
+  wait
+}
 # the fork path on 4 GPUs after fork_1gpu_then_2gpu (three runs, compared with its 1-GPU PNG)
 fork_4gpu_after() {
   timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
@@ -1055,21 +1064,13 @@ if [ "$what" = s68 ]; then
   # twelfth session: wave_attention as committed (a rank's attention with its small last wave run over parts of the
   # keys). Its GPU tests on GPU 3; then Flux 1024² on 2 GPUs (0-1, ring 2, CUDA graph) with TACO_WAVE_ATTN=1, 0, 1,
   # 0, the 1-GPU step beside on GPUs 2 and 3; then the fork path (1 GPU on GPU 2, then 2 GPUs)
-  CUDA_VISIBLE_DEVICES=3 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_wave_attention_gpu.py \
-    2>&1 | tail -4
-  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
-  for m in 1 0 1 0; do flux_r2 "step_2gpu_wave$m.jsonl" TACO_WAVE_ATTN=$m; done
-  wait
+  wave_on_off
   fork_1gpu_then_2gpu 2
 fi
 if [ "$what" = s69 ]; then
   # twelfth session: s68 again with the split used under CUDA graph capture only (eager keeps one cuDNN call), and
   # the 2-GPU fork path run twice after the 1-GPU one
-  CUDA_VISIBLE_DEVICES=3 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_wave_attention_gpu.py \
-    2>&1 | tail -2
-  for g in 2 3; do flux_1gpu_bg $g "step_gpu$g.jsonl"; done
-  for m in 1 0 1 0; do flux_r2 "step_2gpu_wave$m.jsonl" TACO_WAVE_ATTN=$m; done
-  wait
+  wave_on_off
   fork_1gpu_then_2gpu 2
   cp "$OUT/fork_2gpu.log" "$OUT/fork_2gpu_first.log"
   CUDA_VISIBLE_DEVICES=0,1 timeout 130 torchrun --nproc_per_node=2 benchmarks/bench_fork_e2e.py --size 1024 \

@@ -207,8 +207,8 @@ def choose(times: list[float], gain: float) -> int | None:
     return best if times[best] < times[0] * (1 - gain) else None
 
 
-def _graph_timer(fn):
-    """`fn` called _REPS times, captured once into a CUDA graph: a zero-argument replay for `time_calls`."""
+def graph_of(fn, reps: int = _REPS) -> torch.cuda.CUDAGraph:
+    """`fn` run once on a side stream, then called `reps` times in one captured CUDA graph (timed by its replay)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -216,7 +216,7 @@ def _graph_timer(fn):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        for _ in range(_REPS):
+        for _ in range(reps):
             fn()
     return graph
 
@@ -242,8 +242,8 @@ def decide(q, k, v) -> Split | None:
             log.info("attention split (%d heads, %d parts) unavailable: %s", main, parts, str(e)[:200])
     if not tried:
         return None
-    timers = [_graph_timer(lambda: _single(q, k, v))]
-    timers += [_graph_timer(lambda s=s: run_split(s, q, k, v)) for s in tried]
+    timers = [graph_of(lambda: _single(q, k, v))]
+    timers += [graph_of(lambda s=s: run_split(s, q, k, v)) for s in tried]
     times = [t / _REPS for t in time_calls([g.replay for g in timers], rounds=6)]
     del timers
     best = choose(times, GAIN)
