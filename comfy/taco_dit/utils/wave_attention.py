@@ -14,11 +14,10 @@ of the keys each: one short wave. s67 measured 0.2095 against 0.2331 ms, and a 3
 attention at the power limit 40.21 against 40.99 ms. The result differs from the single call by float rounding
 (max. 0.001 at unit-scale inputs).
 
-The split runs inside CUDA graphs only (see `sdpa`); which split, if any, is decided per shape on first use
-outside graph capture: the candidates whose tail fits in
-one wave are timed against the single call, each replayed from a CUDA graph, in rotating rounds, and the fastest
-wins if it beats the single call by `TACO_WAVE_ATTN_GAIN` (default 3 %); it is also checked against the single
-call's output first. Shapes of more than `MAX_WAVES` waves keep the single call untimed (their last wave is a small
+The split runs inside CUDA graphs only (see `sdpa`). Which split, if any, is decided per shape on first use outside
+graph capture: the candidates whose tail fits in one wave are checked against the single call's output, then timed
+against it, each replayed from a CUDA graph, in rotating rounds; the fastest wins if it beats the single call by
+`TACO_WAVE_ATTN_GAIN` (default 3 %). Shapes of more than `MAX_WAVES` waves keep the single call untimed (their last wave is a small
 part of the call), as do other devices, batch > 1, masks and other dtypes. One GPU's Flux 1024² call (6.5 waves:
 a tail of 144 tiles, two heads, that no split fits into one wave) has no candidate and keeps the single call (s67
 timed every split there 6-18 % slower). `TACO_WAVE_ATTN=0` turns it off.
@@ -53,8 +52,8 @@ _state: dict = {"cudnn": None, "handles": {}}
 class Split:
     """`main` heads in one frontend call written in place, the rest over `parts` parts of the keys, merged."""
 
-    def __init__(self, main: int, parts: int, graph=None):
-        self.main, self.parts, self.graph = main, parts, graph
+    def __init__(self, main: int, parts: int, main_call=None):
+        self.main, self.parts, self.main_call = main, parts, main_call
 
     def __repr__(self) -> str:
         return f"Split(main={self.main}, parts={self.parts})"
@@ -191,7 +190,7 @@ def run_split(split: Split, q, k, v) -> torch.Tensor:
     b, h, lq, d = q.shape
     out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype)
     main, parts = split.main, split.parts
-    split.graph(q[:, :main], k[:, :main], v[:, :main], out[:, :, :main].transpose(1, 2))
+    split.main_call(q[:, :main], k[:, :main], v[:, :main], out[:, :, :main].transpose(1, 2))
     qt, kt, vt = tail_views(q, k, v, main, parts)
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)
     lse_merge(res[0], res[1].reshape(parts, h - main, lq).float(), out[0, :, main:].transpose(0, 1))
@@ -225,13 +224,13 @@ def decide(q, k, v) -> Split | None:
     """Time the candidates for this shape against the single call (see the module's docstring)."""
     reference = _single(q, k, v)
     scale = reference.abs().max().float().clamp_min(1e-6)
-    tried, graphs = [], {}
+    tried, main_calls = [], {}
     for main, parts in candidates(q.shape[1], q.shape[2], k.shape[2], _sm_count(q.device)):
         try:
-            if main not in graphs:
+            if main not in main_calls:
                 o = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], device=q.device, dtype=q.dtype)
-                graphs[main] = _MainCall(q[:, :main], k[:, :main], v[:, :main], o[:, :, :main].transpose(1, 2))
-            split = Split(main, parts, graphs[main])
+                main_calls[main] = _MainCall(q[:, :main], k[:, :main], v[:, :main], o[:, :, :main].transpose(1, 2))
+            split = Split(main, parts, main_calls[main])
             err = ((run_split(split, q, k, v).float() - reference.float()).abs().max() / scale).item()
             if err > 1 / 64:  # several bf16 roundings at the largest value: anything more is a wrong result
                 log.warning("attention split %s disagrees with one cuDNN call (%.4f of the largest value); "
