@@ -59,17 +59,7 @@ def torch_sdpa(q, k, v):
 
 def graph_ms(fn, reps: int = 20, rounds: int = 7) -> float:
     """Median time per call of `fn` replayed in a CUDA graph of `reps` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+    g = graph_of(fn, reps)
     g.replay()
     torch.cuda.synchronize()
     times = []

@@ -222,10 +222,13 @@ def graph_of(fn, reps: int = _REPS) -> torch.cuda.CUDAGraph:
 
 def decide(q, k, v) -> Split | None:
     """Time the candidates for this shape against the single call (see the module's docstring)."""
+    splits = candidates(q.shape[1], q.shape[2], k.shape[2], _sm_count(q.device))
+    if not splits:
+        return None
     reference = _single(q, k, v)
     scale = reference.abs().max().float().clamp_min(1e-6)
     tried, main_calls = [], {}
-    for main, parts in candidates(q.shape[1], q.shape[2], k.shape[2], _sm_count(q.device)):
+    for main, parts in splits:
         try:
             if main not in main_calls:
                 o = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], device=q.device, dtype=q.dtype)
