@@ -38,5 +38,10 @@ fi
 echo "[setup] installing $req"
 .venv/bin/python -m pip install -q -r "$req" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 .venv/bin/python -m pip install -q --no-deps open-clip-torch  # CLIP's BPE vocab file; its torchvision dep breaks our torch
+if [ "$kind" = multigpu ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
+  # cuDNN's frontend for wave_attention, without the CuTe DSL it lists (~100 MB, for Python engines we do not use;
+  # the frontend was measured without it): see requirements_taco_dit.txt
+  .venv/bin/python -m pip install -q --no-deps "nvidia-cudnn-frontend>=1.32,<2" || echo "[setup] nvidia-cudnn-frontend not installed"
+fi
 .venv/bin/python -c "import torch, aiohttp, safetensors, transformers" 
 echo "$want" > "$stamp"

@@ -3,7 +3,7 @@
 runs, replayed on new inputs; one GPU's shape keeps the single call.
 
 Marked `gpu` (excluded from CPU runs; run on the GPU machines: `pytest -m gpu tests/test_wave_attention_gpu.py`).
-Needs `nvidia-cudnn-frontend` (requirements_taco_dit.txt).
+Needs `nvidia-cudnn-frontend` (scripts/setup_env.sh multigpu installs it with --no-deps).
 """
 
 from __future__ import annotations

@@ -6,13 +6,13 @@ last one that leaves most SMs idle: Flux 1024² under ring 2 gives a rank 2304 q
 waves of 264, and its call takes as long as 4 (0.233 ms on an H200, against 0.175 ms for 22 heads' 3 whole waves;
 benchmarks/RESULTS.md, twelfth session, call s67).
 
-Here the first `main` heads run as one cuDNN call (through cuDNN's frontend, `nvidia-cudnn-frontend`, which writes
-straight into their slots of the token-major output) and the other heads as one batched call of `parts` parts of
-the keys each (the queries repeated over the batch by a stride-0 view), whose outputs and log-sum-exps one Triton
-pass merges into the remaining slots (`fused.lse_merge`). With 22 heads and 3 parts the tail is 216 tiles of a third
-of the keys each: one short wave. s67 measured 0.2095 against 0.2331 ms, and a 38-block stack of a rank's GEMMs and
-attention at the power limit 40.21 against 40.99 ms. The result differs from the single call by float rounding
-(max. 0.001 at unit-scale inputs).
+Here the first `main` heads run as one cuDNN call through cuDNN's frontend (`nvidia-cudnn-frontend`, which
+scripts/setup_env.sh multigpu installs without its dependencies), writing straight into their slots of the
+token-major output, and the other heads as one batched call of `parts` parts of the keys each (the queries repeated
+over the batch by a stride-0 view), whose outputs and log-sum-exps one Triton pass merges into the remaining slots
+(`fused.lse_merge`). With 22 heads and 3 parts the tail is 216 tiles of a third of the keys each: one short wave.
+s67 measured 0.2095 against 0.2331 ms, and a 38-block stack of a rank's GEMMs and attention at the power limit 40.21
+against 40.99 ms. The result differs from the single call by float rounding (max. 0.001 at unit-scale inputs).
 
 The split runs inside CUDA graphs only (see `sdpa`). Which split, if any, is decided per shape on first use outside
 graph capture: the candidates whose tail fits in one wave are checked against the single call's output, then timed
@@ -99,7 +99,7 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     if waves(q, _sm_count(q.device)) > MAX_WAVES:
         return f"more than {MAX_WAVES} waves"
     if _cudnn() is None:
-        return "cuDNN's frontend is not installed (pip install nvidia-cudnn-frontend)"
+        return "cuDNN's frontend is not installed (pip install --no-deps nvidia-cudnn-frontend)"
     return None
 
 
