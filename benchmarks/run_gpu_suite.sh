@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|s69|s70|s71|s72|s73|s74|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|s69|s70|s71|s72|s73|s74|s75|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -1124,6 +1124,12 @@ if [ "$what" = s74 ]; then
     tests/test_graph_memsets_gpu.py 2>&1 | tail -2
   timeout 300 python3 benchmarks/probe_attention_tail.py --seconds 5 --out "$OUT/attention_tail.jsonl" 2>&1 \
     | grep -E '"torch_single"|"main": 22, "parts": 3|mini_step|Error|error:|Traceback'
+fi
+if [ "$what" = s75 ]; then
+  # twelfth session, one GPU: wave_attention's tail on a side stream beside the main call (TACO_WAVE_ATTN_TAIL=stream)
+  # against after it, at kernel level (the production run_split) and in the 38-block stack
+  timeout 300 python3 benchmarks/probe_attention_tail.py --seconds 12 --out "$OUT/attention_tail.jsonl" 2>&1 \
+    | grep -E '"torch_single"|"main": 22, "parts": 3|run_split|mini_step|Error|error:|Traceback'
 fi
 if [ "$what" = s67 ]; then
   # twelfth session, one GPU: ring 2's attention with its last wave split over parts of the keys (kernels, every
