@@ -227,23 +227,18 @@ def kernels(lq: int, lk: int, label: str) -> dict:
                 except Exception as e:  # noqa: BLE001
                     emit({"part": "kernel", "shape": label, "variant": f"split_{how}", "main": main, "parts": parts,
                           "error": f"{type(e).__name__}: {e}"[:300]})
-    # the production path (wave_attention.run_split), its tail after the main call or beside it on a side stream
+    # the production path (wave_attention.run_split) for each of its candidates
     for main, parts in wave_attention.candidates(H, lq, lk, torch.cuda.get_device_properties(0).multi_processor_count):
         try:
             mc = wave_attention._MainCall(q[:, :main], k[:, :main], v[:, :main], out[:, :, :main].transpose(1, 2))
             split = wave_attention.Split(main, parts, mc)
-            for tail_stream in (False, True):
-                wave_attention.TAIL_STREAM = tail_stream
-                diff = (wave_attention.run_split(split, q, k, v).float() - ref.float()).abs().max().item()
-                ms = graph_ms(lambda split=split: wave_attention.run_split(split, q, k, v))
-                emit({"part": "kernel", "shape": label, "variant": f"run_split_{'stream' if tail_stream else 'serial'}",
-                      "main": main, "parts": parts, "ms": round(ms, 4), "vs_torch": round(ms / base, 4),
-                      "max_diff": round(diff, 5)})
+            diff = (wave_attention.run_split(split, q, k, v).float() - ref.float()).abs().max().item()
+            ms = graph_ms(lambda split=split: wave_attention.run_split(split, q, k, v))
+            emit({"part": "kernel", "shape": label, "variant": "run_split", "main": main, "parts": parts,
+                  "ms": round(ms, 4), "vs_torch": round(ms / base, 4), "max_diff": round(diff, 5)})
         except Exception as e:  # noqa: BLE001
             emit({"part": "kernel", "shape": label, "variant": "run_split", "main": main, "parts": parts,
                   "error": f"{type(e).__name__}: {e}"[:300]})
-        finally:
-            wave_attention.TAIL_STREAM = False
     # the merge alone, against PyTorch ops
     parts, main = 3, 22
     qt, kt, vt = tail_inputs(q, k, v, main, parts)
@@ -276,11 +271,10 @@ def mini_step(best: dict, seconds: float) -> None:
         return torch_sdpa(q, k, v).transpose(1, 2)
 
     variants = {"single": attention_single}
-    if 22 in best:  # the production path, serial and with the tail on a side stream (captured as set at capture)
+    if 22 in best:  # the production path
         mc = wave_attention._MainCall(q[:, :22], k[:, :22], v[:, :22], out[:, :, :22].transpose(1, 2))
         split = wave_attention.Split(22, 3, mc)
-        variants["run_split_serial"] = lambda: wave_attention.run_split(split, q, k, v).transpose(1, 2)
-        variants["run_split_stream"] = lambda: wave_attention.run_split(split, q, k, v).transpose(1, 2)
+        variants["run_split"] = lambda: wave_attention.run_split(split, q, k, v).transpose(1, 2)
     for main, parts, how in ((22, 3, "fe"), (22, 2, "fe"), (22, 3, "copy")):
         fe = best.get(main) if how == "fe" else None
         if how == "fe" and fe is None:
@@ -303,11 +297,9 @@ def mini_step(best: dict, seconds: float) -> None:
     graphs = {}
     for name, fn in variants.items():
         try:
-            wave_attention.TAIL_STREAM = name == "run_split_stream"
             graphs[name] = capture(block_stack(fn))
         except Exception as e:  # noqa: BLE001
             emit({"part": "mini_step", "variant": name, "error": f"{type(e).__name__}: {e}"[:300]})
-    wave_attention.TAIL_STREAM = False
     alternate(graphs, seconds, "single", {"part": "mini_step"})
 
 

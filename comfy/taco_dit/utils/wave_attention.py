@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 ENABLED = os.environ.get("TACO_WAVE_ATTN", "1").strip().lower() not in ("0", "off", "false", "no")
 GAIN = float(os.environ.get("TACO_WAVE_ATTN_GAIN", "0.03"))
-TAIL_STREAM = os.environ.get("TACO_WAVE_ATTN_TAIL", "serial").strip().lower() == "stream"
 MAX_WAVES = 8
 TILE_QUERIES = 64  # cuDNN's Hopper forward kernel: 64 queries a tile, two tiles an SM
 TILES_PER_SM = 2
@@ -186,37 +185,15 @@ def tail_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, main: int, par
     return qt, kt, vt
 
 
-_tail_streams: dict = {}
-
-
 def run_split(split: Split, q, k, v) -> torch.Tensor:
-    """Attention of q over k/v ([1, H, L, D]) the split way: [1, H, Lq, D], token-major in memory.
-
-    With `TAIL_STREAM` the tail call and its merge go on a side stream, forked before the main call is launched, so
-    the tail's tiles take SMs as the main call's last wave drains instead of after it (they queue behind the main
-    call's, launched first)."""
+    """Attention of q over k/v ([1, H, L, D]) the split way: [1, H, Lq, D], token-major in memory."""
     b, h, lq, d = q.shape
     out = torch.empty(b, lq, h, d, device=q.device, dtype=q.dtype)
     main, parts = split.main, split.parts
-    qt, kt, vt = tail_views(q, k, v, main, parts)
-
-    def tail():
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)
-        lse_merge(res[0], res[1].reshape(parts, h - main, lq).float(), out[0, :, main:].transpose(0, 1))
-
-    if not TAIL_STREAM:
-        split.main_call(q[:, :main], k[:, :main], v[:, :main], out[:, :, :main].transpose(1, 2))
-        tail()
-        return out.transpose(1, 2)
-    cur = torch.cuda.current_stream(q.device)
-    side = _tail_streams.get(q.device.index)
-    if side is None:
-        side = _tail_streams[q.device.index] = torch.cuda.Stream(device=q.device)
-    side.wait_stream(cur)
     split.main_call(q[:, :main], k[:, :main], v[:, :main], out[:, :, :main].transpose(1, 2))
-    with torch.cuda.stream(side):
-        tail()
-    cur.wait_stream(side)
+    qt, kt, vt = tail_views(q, k, v, main, parts)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)
+    lse_merge(res[0], res[1].reshape(parts, h - main, lq).float(), out[0, :, main:].transpose(0, 1))
     return out.transpose(1, 2)
 
 
