@@ -99,17 +99,13 @@ def test_refusals_name_the_reason(monkeypatch):
 
 def check_merge_kernel() -> None:
     """The Triton merge (interpreted) against the reference, into a strided slice of a token-major output."""
-    from comfy.ldm.modules import fused_triton
     g = torch.Generator().manual_seed(0)
     for parts_n, heads_t, d in ((3, 2, 128), (2, 3, 64)):
         parts = torch.randn(parts_n, heads_t, 37, d, generator=g).to(torch.bfloat16)
         lse = torch.randn(parts_n, heads_t, 37, generator=g) * 3
         full = torch.zeros(37, 5, d, dtype=torch.bfloat16)
         out = full[:, 5 - heads_t:].transpose(0, 1)
-        n_rows = heads_t * 37
-        fused._run(fused_triton.lse_merge_kernel, ((n_rows + 15) // 16,),
-                   (parts, lse, out, n_rows, 37, *parts.stride()[:3], *lse.stride(), *out.stride()[:2]),
-                   dict(D=d, PARTS=parts_n, BLOCK_R=16), out.device)
+        fused._merge_launch(parts, lse, out)
         ref = fused.lse_merge_reference(parts, lse)
         assert fused.within_two_ulps_error(out, ref) <= 1.0
         assert torch.equal(full[:, :5 - heads_t], torch.zeros_like(full[:, :5 - heads_t]))  # nothing else written

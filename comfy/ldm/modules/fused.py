@@ -327,17 +327,20 @@ def lse_merge(parts: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torc
     """`lse_merge_reference` written into `out` ([H, L, D], any strides with D contiguous, e.g. some heads of a
     token-major attention output): one Triton pass on CUDA (checked against the reference on first use per
     device), PyTorch ops elsewhere."""
-    p, h, length, d = parts.shape
+    d = parts.shape[-1]
     usable = (out.is_cuda and _enabled(_merge_state) and parts.stride(-1) == 1 and out.stride(-1) == 1
               and lse.dtype == torch.float32 and d & (d - 1) == 0 and _load(_merge_state))
     if not usable:
         return out.copy_(lse_merge_reference(parts, lse))
-
-    def launch():
-        n_rows, block_r = h * length, 16
-        args = (parts, lse, out, n_rows, length, *parts.stride()[:3], *lse.stride(), *out.stride()[:2])
-        meta = dict(D=d, PARTS=p, BLOCK_R=block_r, num_warps=4)
-        _run(_merge_state["triton"], ((n_rows + block_r - 1) // block_r,), args, meta, out.device)
-
-    return _run_checked(_merge_state, "lse_merge", out.device, out, launch,
+    return _run_checked(_merge_state, "lse_merge", out.device, out, lambda: _merge_launch(parts, lse, out),
                         lambda: lse_merge_reference(parts, lse).to(out.dtype))
+
+
+def _merge_launch(parts: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The Triton merge itself (no checks): one program per 16 (head, query) rows."""
+    p, h, length, d = parts.shape
+    n_rows, block_r = h * length, 16
+    args = (parts, lse, out, n_rows, length, *parts.stride()[:3], *lse.stride(), *out.stride()[:2])
+    meta = dict(D=d, PARTS=p, BLOCK_R=block_r, num_warps=4)
+    _run(_load(_merge_state), ((n_rows + block_r - 1) // block_r,), args, meta, out.device)
+    return out
