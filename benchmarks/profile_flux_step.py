@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -91,25 +92,57 @@ def timeline(events: list[tuple[str, float, float, int]], around: list[int]) -> 
     return windows
 
 
-def profile_once(fn, top: int, around: list[int] | None = None) -> dict:
+def sustain_(fn, seconds: float) -> int:
+    """Replay `fn` back to back for about `seconds`, so the GPU settles at its power limit. Every rank runs the
+    same count (rank 0's, from two timed calls), since each call holds collectives. -> the count."""
+    fn()  # the first call after the profiler's warm-up began can be slow (call s77: 0.86 s): not timed
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    count = torch.tensor([max(1, int(seconds / max((time.perf_counter() - t0) / 2, 1e-3)))], device="cuda")
+    if dist.is_initialized():
+        dist.broadcast(count, 0)
+    for i in range(int(count.item())):
+        fn()
+        if i % 8 == 7:
+            torch.cuda.synchronize()  # a bounded queue: the window starts right after the last of these
+    torch.cuda.synchronize()
+    return int(count.item()) + 3
+
+
+def profile_once(fn, top: int, around: list[int] | None = None, sustain: float = 0.0, steps: int = 1) -> dict:
+    """One profiled window of `steps` forwards back to back (no host sync between them, as the sampler runs
+    them); after 3 warm-up calls, or after `sustain` seconds of back-to-back calls. Kernel sums are per step."""
     with torch.inference_mode():
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
         if dist.is_initialized():
             dist.barrier()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
+        # the sustained calls run in the profiler's warm-up phase (tracer prepared, not recording), so starting
+        # the recording costs the GPU only a short pause
+        recorded: list = []
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA],
+                                    schedule=torch.profiler.schedule(wait=0, warmup=1, active=1),
+                                    on_trace_ready=lambda p: recorded.append(list(p.events()))) as prof:
+            sustained = sustain_(fn, sustain) if sustain > 0 else 0
+            prof.step()
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            marks[0].record()
+            for i in range(steps):
+                fn()
+                marks[i + 1].record()
             torch.cuda.synchronize()
+            prof.step()
+    start, end = marks[0], marks[-1]
     kernels: dict[str, list[float]] = {}
     spans: list[tuple[float, float]] = []
     compute_spans: list[tuple[float, float]] = []
     sm_events: list[tuple[str, float, float]] = []
     all_events: list[tuple[str, float, float, int]] = []
-    for ev in prof.events():
+    for ev in recorded[0]:
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels.setdefault(ev.name, [0.0, 0])
             kernels[ev.name][0] += ev.device_time / 1000.0
@@ -125,16 +158,20 @@ def profile_once(fn, top: int, around: list[int] | None = None) -> dict:
     for name, (ms, _) in kernels.items():
         totals[category(name)] = totals.get(category(name), 0.0) + ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"step_ms": round(start.elapsed_time(end), 2),
-            "gpu_ms_by_category": {k: round(v, 2) for k, v in sorted(totals.items())},
-            "gpu_ms_total": round(sum(totals.values()), 2),
-            "gpu_busy_ms": round(busy_ms(spans), 2),
-            "compute_busy_ms": round(busy_ms(compute_spans), 2),
-            "kernels": sum(int(v[1]) for v in kernels.values()),
-            "sm_idle_ms": round(sum(g["ms"] for g in idle_gaps(sm_events, 10 ** 6)), 2),
+    n = steps
+    return {"step_ms": round(start.elapsed_time(end) / n, 2),
+            **({"steps_ms": [round(a.elapsed_time(b), 2) for a, b in zip(marks, marks[1:])],
+                "sustained_calls": sustained} if steps > 1 or sustained else {}),
+            "gpu_ms_by_category": {k: round(v / n, 2) for k, v in sorted(totals.items())},
+            "gpu_ms_total": round(sum(totals.values()) / n, 2),
+            "gpu_busy_ms": round(busy_ms(spans) / n, 2),
+            "compute_busy_ms": round(busy_ms(compute_spans) / n, 2),
+            "kernels": sum(int(v[1]) for v in kernels.values()) // n,
+            "sm_idle_ms": round(sum(g["ms"] for g in idle_gaps(sm_events, 10 ** 6)) / n, 2),
             "idle_gaps": idle_gaps(sm_events, top),
             **({"timeline": timeline(all_events, around)} if around else {}),
-            "top": [{"kernel": k[:120], "ms": round(v[0], 3), "calls": v[1]} for k, v in ranked]}
+            "top": [{"kernel": k[:120], "ms": round(v[0] / n, 3), "calls": v[1] // n,
+                     "mean_us": round(1000 * v[0] / v[1], 2)} for k, v in ranked]}
 
 
 def main() -> None:
@@ -146,6 +183,14 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--timeline", type=int, nargs="*", default=[],
                    help="attention call numbers: list every GPU event of the layer before each (see `timeline`)")
+    p.add_argument("--solo", type=int, default=0,
+                   help="one GPU runs one rank's share of ring N alone, no exchanges (benchmarks/solo_rank.py)")
+    p.add_argument("--solo-push", choices=["peer", "local"], default=None,
+                   help="with --solo: also copy the k/v the real step sends, to the other GPU or locally")
+    p.add_argument("--sustain", type=float, default=0.0,
+                   help="seconds of back-to-back forwards before the profiled window (power limit reached)")
+    p.add_argument("--steps", type=int, default=1, help="forwards in the profiled window, back to back; "
+                   "the figures are per step")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "profile.jsonl"))
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -161,6 +206,9 @@ def main() -> None:
     else:
         model = Flux(**FLUX_DEV, dtype=torch.bfloat16, device=dev).eval()
     init_random_(model)
+    if args.solo:
+        from solo_rank import solo_forward_orig
+        model.forward_orig = solo_forward_orig(args.solo, args.solo_push).__get__(model, type(model))
     cfg_parallel = args.config.startswith("c2")
     if cfg_parallel and (args.model != "wan" or world < 2):
         raise SystemExit("c2... configs (CFG parallel) are for --model wan under torchrun")
@@ -193,8 +241,9 @@ def main() -> None:
         else:
             fn = lambda: call(*batch)  # noqa: E731
         rec = {"model": args.model, "size": size or "832x480x81", "card": card(), "gpus": world, "rank": rank,
-               "config": args.config or None, "mode": "cuda_graph" if args.graph else "eager",
-               **profile_once(fn, args.top, args.timeline)}
+               "config": args.config or (f"solo{args.solo}" + (f"+{args.solo_push}" if args.solo_push else "")
+                                         if args.solo else None), "mode": "cuda_graph" if args.graph else "eager",
+               **profile_once(fn, args.top, args.timeline, args.sustain, args.steps)}
         if rank != 0:
             rec["top"] = rec["top"][:8]
         print(json.dumps(rec), flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|s69|s70|s71|s72|s73|s74|s75|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|s69|s70|s71|s72|s73|s74|s75|s76|s77|s78|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -65,6 +65,34 @@ fork_4gpu_after() {
   timeout 130 torchrun --nproc_per_node=4 benchmarks/bench_fork_e2e.py --size 1024 --steps 20 --runs 3 --tag auto4 \
     --reference /tmp/taco-bench/1gpu-rank0/output/bench_00003_.png --out "$OUT/e2e.jsonl" > "$OUT/fork_4gpu.log" 2>&1
   grep -E '^\{|Error|error:|refused|did not shut down|TACO-DiT plan' "$OUT/fork_4gpu.log" | grep -v Warning
+}
+# thirteenth session: every GPU's SM clock and power sampled every 200 ms (nvidia-smi) between smi_start FILE and
+# smi_stop FILE, which prints each GPU's mean over the samples at >= 90 % utilization. The sampler runs in the
+# background: between the two, wait for given PIDs, never a bare `wait`
+smi_start() {
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,utilization.gpu --format=csv,noheader,nounits \
+    -lms 200 > "$1" 2>&1 &
+  smi_pid=$!
+}
+smi_stop() {
+  kill "$smi_pid"
+  python3 - "$1" <<'PY'
+import collections, sys
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) == 5 and parts[1].isdigit():
+        try:
+            rows[int(parts[1])].append((float(parts[2]), float(parts[3]), float(parts[4])))
+        except ValueError:
+            pass
+for gpu, vals in sorted(rows.items()):
+    busy = [v for v in vals if v[2] >= 90]
+    if busy:
+        n = len(busy)
+        print(f"GPU {gpu}: {n} samples at >= 90 % utilization: SM {sum(v[0] for v in busy) / n:.0f} MHz, "
+              f"power {sum(v[1] for v in busy) / n:.0f} W")
+PY
 }
 if [ "$what" = speed ]; then
   ( CUDA_VISIBLE_DEVICES=0 python3 benchmarks/probe_attention.py --out "$OUT/attention.jsonl" 2>&1 | filter
@@ -946,30 +974,11 @@ fi
 if [ "$what" = s60 ]; then
   # tenth session: SM clock and power of every GPU sampled every 200 ms while the Flux 1024² step runs on 1 GPU
   # (GPU 2) beside a 2-GPU ring 2 run (GPUs 0-1): does the 2-GPU run throttle more than the 1-GPU one?
-  nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,utilization.gpu --format=csv,noheader,nounits \
-    -lms 200 > "$OUT/smi.csv" 2>&1 &
-  smi=$!
+  smi_start "$OUT/smi.csv"
   flux_1gpu_bg 2 step_gpu2.jsonl
   flux_r2 step_2gpu.jsonl
   while pgrep -f bench_flux_step.py > /dev/null; do sleep 1; done  # the 1-GPU run in the background too
-  kill $smi
-  python3 - "$OUT/smi.csv" <<'PY'
-import collections, sys
-rows = collections.defaultdict(list)
-for line in open(sys.argv[1]):
-    parts = [p.strip() for p in line.split(",")]
-    if len(parts) == 5 and parts[1].isdigit():
-        try:
-            rows[int(parts[1])].append((float(parts[2]), float(parts[3]), float(parts[4])))
-        except ValueError:
-            pass
-for gpu, vals in sorted(rows.items()):
-    busy = [v for v in vals if v[2] >= 90]
-    if busy:
-        n = len(busy)
-        print(f"GPU {gpu}: {n} samples at >= 90 % utilization: SM {sum(v[0] for v in busy) / n:.0f} MHz, "
-              f"power {sum(v[1] for v in busy) / n:.0f} W")
-PY
+  smi_stop "$OUT/smi.csv"
 fi
 if [ "$what" = s62 ]; then
   # eleventh session: cuBLASLt's fastest bit-identical algorithm for large GEMMs (comfy/taco_dit/utils/lt_gemm.py).
@@ -1124,6 +1133,77 @@ if [ "$what" = s74 ]; then
     tests/test_graph_memsets_gpu.py 2>&1 | tail -2
   timeout 300 python3 benchmarks/probe_attention_tail.py --seconds 5 --out "$OUT/attention_tail.jsonl" 2>&1 \
     | grep -E '"torch_single"|"main": 22, "parts": 3|mini_step|Error|error:|Traceback'
+fi
+# thirteenth session: the Flux 1024² step profiled at the power limit (CUDA graph; after 12 s of back-to-back steps,
+# 4 steps back to back), clocks and power sampled meanwhile. sustained_pair NAME [ARGS]: one process on each of GPUs 0
+# and 1 at once; sustained_r2: the 2-GPU ring-2 step on both; sustained_summary: what they printed
+sustained_pair() { local name=$1 pids=""; shift
+  smi_start "$OUT/smi_$name.csv"
+  for g in 0 1; do
+    ( CUDA_VISIBLE_DEVICES=$g timeout 200 python3 benchmarks/profile_flux_step.py --graph --sustain 12 --steps 4 \
+        --top 40 "$@" --out "$OUT/profile_${name}_gpu$g.jsonl" > "$OUT/profile_${name}_gpu$g.log" 2>&1
+      echo "$name gpu$g rc=$?" ) &
+    pids="$pids $!"
+  done
+  wait $pids
+  echo "$name:"; smi_stop "$OUT/smi_$name.csv"
+}
+sustained_r2() {
+  smi_start "$OUT/smi_r2.csv"
+  timeout 200 torchrun --nproc_per_node=2 benchmarks/profile_flux_step.py --graph --config r2 --sustain 12 --steps 4 \
+    --top 40 --out "$OUT/profile_r2.jsonl" > "$OUT/profile_r2.log" 2>&1; echo "r2 rc=$?"
+  echo "r2:"; smi_stop "$OUT/smi_r2.csv"
+}
+sustained_summary() {
+  python3 -c '
+import json, os, sys
+for name in sys.argv[1:]:
+  for line in open(name):
+    r = json.loads(line)
+    print(os.path.basename(name), r["config"], "gpus", r["gpus"], "rank", r["rank"], "step", r["step_ms"], r.get("steps_ms"), "calls",
+          r.get("sustained_calls"), "busy", r["compute_busy_ms"], "idle", r["sm_idle_ms"], r["gpu_ms_by_category"])
+    for k in r["top"][:int(os.environ.get("TOP", "14"))]:
+        print("   ", k["kernel"][:60], k["ms"], k["calls"], k["mean_us"])
+' "$OUT"/profile_*.jsonl
+  for f in "$OUT"/profile_*.log; do grep -E "Error|error:|Traceback" "$f" | head -3; done
+}
+if [ "$what" = s76 ]; then
+  # thirteenth session, 2 GPUs: where the 2-GPU Flux 1024² step loses once the GPUs sit at their power limit: the
+  # 1-GPU step on both GPUs at once, then the 2-GPU ring-2 step
+  sustained_pair 1gpu
+  sustained_r2
+  sustained_summary
+fi
+if [ "$what" = s77 ]; then
+  # thirteenth session, 2 GPUs: as s76, and between the two one rank's share of ring 2 alone on each GPU (no
+  # exchange, no barrier, no peer: benchmarks/solo_rank.py)
+  sustained_pair 1gpu
+  sustained_pair solo2 --solo 2
+  sustained_r2
+  sustained_summary
+fi
+if [ "$what" = s78 ]; then
+  # thirteenth session, 2 GPUs: s77 on one machine with the sustained phase's length fixed (s77's 2-GPU run had
+  # timed a slow first call and sustained 1 s only), then the step bench as in s73 on a 2-GPU machine (the 1-GPU
+  # step on GPU 0 before the two 2-GPU runs and on GPU 1 after them)
+  sustained_pair 1gpu
+  sustained_pair solo2 --solo 2
+  sustained_r2
+  flux_1gpu_bg 0 step_gpu0.jsonl; wait
+  for m in a b; do flux_r2 "step_2gpu_$m.jsonl"; done
+  flux_1gpu_bg 1 step_gpu1.jsonl; wait
+  # and one rank's share alone on GPU 0 (GPU 1 idle), plain, with its k/v copied to GPU 1 by copy engine where the
+  # real step sends them, and copied within GPU 0: what the traffic alone costs
+  for push in none peer local; do
+    smi_start "$OUT/smi_solo2_$push.csv"
+    CUDA_VISIBLE_DEVICES=0,1 timeout 150 python3 benchmarks/profile_flux_step.py --graph --sustain 12 --steps 4 \
+      --top 40 --solo 2 $([ $push = none ] || echo --solo-push $push) --out "$OUT/profile_solo2_$push.jsonl" \
+      > "$OUT/profile_solo2_$push.log" 2>&1; echo "solo2 $push rc=$?"
+    echo "solo2 $push:"; smi_stop "$OUT/smi_solo2_$push.csv"
+  done
+  TOP=5 sustained_summary
+  # one archive comes back whole (the device tool returns a limited number of files)
+  (cd "$OUT" && tar czf raw_s78.tgz ./*.jsonl ./*.csv ./*.log && rm -f ./*.jsonl ./*.csv ./*.log)
 fi
 if [ "$what" = s75 ]; then
   # twelfth session, one GPU: wave_attention's tail on a side stream beside the main call (TACO_WAVE_ATTN_TAIL=stream)
