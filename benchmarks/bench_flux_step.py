@@ -97,12 +97,6 @@ def wave_label() -> str:
     return ",".join(chosen) or "none chosen"
 
 
-def balance_label(meshes: dict) -> str:
-    """The sequence groups' token shares (comfy/taco_dit/parallel/balance.py), e.g. "even" or "0.4922/0.5078 (...)"."""
-    from comfy.taco_dit.parallel import balance
-    return "; ".join(balance.describe(m.sp) for m in meshes.values()) or "none"
-
-
 def card() -> str:
     return torch.cuda.get_device_name(0)
 
@@ -233,7 +227,7 @@ def run_parallel(args) -> None:
         for backend, fused in variants(args.attention, args.fused):
             use_variant(backend, fused)
             run_parallel_configs(args, model, original, meshes, size, (x, t, ctx, y, g), backend, rank, world)
-    print(json.dumps({"rank": rank, "wave_attention": wave_label(), "balance": balance_label(meshes)}), flush=True)
+    print(json.dumps({"rank": rank, "wave_attention": wave_label()}), flush=True)
     release_all()
     dist.destroy_process_group()
 
@@ -273,7 +267,7 @@ def run_parallel_configs(args, model, original, meshes, size, batch, backend, ra
                 emit(args.out, {"impl": "taco-dit", "mode": mode, "attention": backend, "fused": fused_label(), "gpus": world,
                                 "size": size, "config": cfg_name, "step_ms": round(ms, 2), "max_abs_diff_vs_1gpu":
                                 round(diff.max().item(), 5), "rel_l2_vs_1gpu": round(rel, 5), "card": card(),
-                                "wave_attention": wave_label(), "balance": balance_label({0: mesh})})
+                                "wave_attention": wave_label()})
         model.forward_orig = original
 
 

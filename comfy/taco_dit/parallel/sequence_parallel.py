@@ -32,51 +32,33 @@ from comfy.ldm.modules.attention import (
     materialize,
     run_side_work,
 )
-from comfy.taco_dit.parallel import balance
 from comfy.taco_dit.parallel.mesh import GroupHandle, ParallelMesh
 from comfy.taco_dit.parallel.sp_attention import ring_kv_ready, ring_mode, ring_qkv_supplier, usp_attention
 
 
 @dataclass
 class TokenSplit:
-    """How one stream of `length` tokens is spread over `degree` ranks: evenly (the last chunk padded), or, with
-    `sizes`, `sizes[r]` consecutive tokens to rank r (no padding; balance.py)."""
+    """How one stream of `length` tokens is spread over `degree` ranks."""
 
     length: int
     degree: int
-    sizes: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.sizes is not None and (len(self.sizes) != self.degree or sum(self.sizes) != self.length
-                                       or min(self.sizes) < 1):
-            raise ValueError(f"token counts {self.sizes} do not split {self.length} tokens over {self.degree} ranks")
 
     @property
     def padded(self) -> int:
-        if self.sizes is not None:
-            return self.length
         return -(-self.length // self.degree) * self.degree
 
     @property
     def chunk(self) -> int:
-        """Tokens per rank (the largest count, for uneven sizes)."""
-        return max(self.sizes) if self.sizes is not None else self.padded // self.degree
-
-    def count(self, rank: int) -> int:
-        return self.sizes[rank] if self.sizes is not None else self.chunk
+        return self.padded // self.degree
 
     def keep(self, device=None) -> torch.Tensor:
         """bool [degree, chunk]: True where a rank's chunk holds a real token. Built where it is used (a
         fill on the device, not a host-to-device copy, which would make the forward wait for the GPU)."""
-        if self.sizes is not None:
-            raise ValueError("an uneven split has no padding to mark")
         k = torch.zeros(self.padded, dtype=torch.bool, device=device)
         k[: self.length] = True
         return k.reshape(self.degree, self.chunk)
 
     def local(self, x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-        if self.sizes is not None:
-            return x.narrow(dim, sum(self.sizes[:rank]), self.sizes[rank])
         pad = self.padded - self.length
         if pad:
             shape = list(x.shape)
@@ -86,25 +68,7 @@ class TokenSplit:
 
 
 def gather_tokens(x: torch.Tensor, group: GroupHandle, split: TokenSplit, dim: int = 1) -> torch.Tensor:
-    if split.sizes is None:
-        return group.all_gather(x, dim=dim).narrow(dim, 0, split.length)
-    if x.shape[dim] < split.chunk:  # every rank sends the same size: the largest count
-        shape = list(x.shape)
-        shape[dim] = split.chunk - x.shape[dim]
-        x = torch.cat((x, x.new_zeros(shape)), dim=dim)
-    parts = group.all_gather(x, dim=dim).split(split.chunk, dim=dim)
-    return torch.cat([part.narrow(dim, 0, n) for part, n in zip(parts, split.sizes)], dim=dim)
-
-
-def balanced_image_sizes(mesh: ParallelMesh, img_len: int, txt_len: int, device) -> tuple[int, ...] | None:
-    """Per-rank image token counts for a ring of two gathered (balance.py), or None for the even split: other
-    layouts, a text stream that needs padding, or shares that leave the split even."""
-    if mesh.sp.size != 2 or mesh.ulysses.size != 1 or ring_mode() != "gather" or txt_len % 2:
-        return None
-    shares = balance.decided_shares(mesh.sp, torch.device(device))
-    if shares is None:
-        return None
-    return balance.split_sizes(img_len, shares, balance.QUANTUM if img_len >= 64 * balance.QUANTUM else 1)
+    return group.all_gather(x, dim=dim).narrow(dim, 0, split.length)
 
 
 def real_tokens(*splits: TokenSplit, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -137,7 +101,7 @@ def ring_blocks(keep: tuple[torch.Tensor, torch.Tensor] | None, ring_size: int) 
     return out
 
 
-def make_attention_override(mesh: ParallelMesh, kv_keep, rows: tuple[int, ...] | None = None):
+def make_attention_override(mesh: ParallelMesh, kv_keep):
     """An `optimized_attention_override` running USP over the mesh's Ulysses and Ring groups.
 
     `kv_keep`: `real_tokens(...)` over the sequence group's key order (None: no padding), or a dict
@@ -170,8 +134,7 @@ def make_attention_override(mesh: ParallelMesh, kv_keep, rows: tuple[int, ...] |
             q = heads_view(q)
             k, v = ((lambda t=t: heads_view(t())) if callable(t) else heads_view(t) for t in (k, v))
         keep = kv_keep.get(q.shape[2]) if isinstance(kv_keep, dict) else kv_keep
-        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_blocks=keep, side_work=side_work,
-                            rows=rows)
+        out = usp_attention(q, k, v, mesh.ulysses, mesh.ring, kv_keep_blocks=keep, side_work=side_work)
         if skip_output_reshape:
             return out
         b, h, length, d = out.shape
@@ -183,14 +146,13 @@ def make_attention_override(mesh: ParallelMesh, kv_keep, rows: tuple[int, ...] |
     return override
 
 
-def install_attention(opts: dict, mesh: ParallelMesh, kv_keep, rows: tuple[int, ...] | None = None) -> None:
+def install_attention(opts: dict, mesh: ParallelMesh, kv_keep) -> None:
     """Put the sequence-parallel attention into a forward's transformer options: the override, and under the
     gathered ring (no Ulysses) the supplier of packed q/k/v buffers its exchange sends from in place, and the
-    hook that starts sending k/v before q is written (TACO_KV_EARLY=0 leaves it out, for measuring it).
-    `rows`: each ring rank's local sequence length where they differ (balance.py; no padding then)."""
-    opts[OVERRIDE_KEY] = make_attention_override(mesh, kv_keep, rows)
+    hook that starts sending k/v before q is written (TACO_KV_EARLY=0 leaves it out, for measuring it)."""
+    opts[OVERRIDE_KEY] = make_attention_override(mesh, kv_keep)
     if mesh.ulysses.size == 1 and mesh.ring.size > 1 and ring_mode() == "gather":
-        opts[QKV_BUFFER_KEY] = ring_qkv_supplier(mesh.ring, rows)
+        opts[QKV_BUFFER_KEY] = ring_qkv_supplier(mesh.ring)
         if os.environ.get("TACO_KV_EARLY", "1") != "0":
             opts[KV_READY_KEY] = ring_kv_ready(mesh.ring)
 
@@ -261,14 +223,12 @@ def flux_forward_orig(mesh: ParallelMesh):
         opts = dict(transformer_options or {})
         img, txt, vec, pe = model.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         txt_len = txt.shape[1]
-        sizes = balanced_image_sizes(mesh, img.shape[1], txt_len, img.device)
-        s_txt, s_img = TokenSplit(txt_len, sp.size), TokenSplit(img.shape[1], sp.size, sizes)
+        s_txt, s_img = TokenSplit(txt_len, sp.size), TokenSplit(img.shape[1], sp.size)
         r = sp.rank_in_group
         img_l = s_img.local(img, r, 1)
         txt_l = s_txt.local(txt, r, 1)
         pe_l = torch.cat((s_txt.local(pe[:, :, :txt_len], r, 2), s_img.local(pe[:, :, txt_len:], r, 2)), dim=2)
-        rows = tuple(s_txt.chunk + n for n in sizes) if sizes else None
-        install_attention(opts, mesh, real_tokens(s_txt, s_img, device=img.device), rows)
+        install_attention(opts, mesh, real_tokens(s_txt, s_img, device=img.device))
         if sp.size > 1 and os.environ.get("TACO_SHARED_MODULATION", "1") != "0":  # 0: each rank all (measuring)
             opts[MODULATION_KEY] = shared_modulations(model, vec, sp)
         control = _split_control(control, s_img, r)

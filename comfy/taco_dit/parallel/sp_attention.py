@@ -86,64 +86,33 @@ def ring_mode() -> str:
     return "rotate" if want == "rotate" else "gather"
 
 
-def ring_rows(rows: tuple[int, ...] | None, rank: int, local: int) -> tuple[int, int, int, int]:
-    """Where a ring rank's `local` rows sit in the gathered exchange: (block rows S, this rank's first row in its
-    block, the gathered keys' first and last+1 row over the P blocks). Equal rows (`rows` None) fill their
-    blocks. Uneven rows of a ring of two (balance.py) sit at the end of block 0 and the start of block 1, so the
-    real keys stay one contiguous run with nothing to skip."""
-    if rows is None:
-        return local, 0, None, None
-    if len(rows) != 2 or rows[rank] != local:
-        raise ValueError(f"uneven ring rows {rows} need a ring of 2 and this rank's {local} rows")
-    block = max(rows)
-    return block, block - rows[0] if rank == 0 else 0, block - rows[0], block + rows[1]
-
-
-def ring_qkv_supplier(ring: GroupHandle, rows: tuple[int, ...] | None = None):
+def ring_qkv_supplier(ring: GroupHandle):
     """For `transformer_options[QKV_BUFFER_KEY]` (attention.py): under the gathered ring, a model writing packed
     q/k/v ([1, S, 3, H, D], batch 1) writes them straight into its own block of the next exchange's symmetric
     buffer, so only k and v are copied, to the peers, and this rank's part is never copied at all (it was a
     40 µs 2-D copy on the SMs per layer at Flux 1024² on 2 GPUs, call s31). None where that exchange does
-    not go through symmetric memory: the model then allocates as usual. `rows`: the ranks' uneven local
-    lengths (`ring_rows`)."""
+    not go through symmetric memory: the model then allocates as usual."""
 
     def supply(shape: tuple, dtype: torch.dtype, device: torch.device):
         if device.type != "cuda" or shape[0] != 1 or len(shape) != 5 or shape[2] != 3:
             return None
-        return _supply_view(ring, rows, shape, dtype, device)
+        parity = getattr(ring, "_ring_kv_parity", 0)
+        ex = ring.exchange(f"ring_qkv{parity}", shape, dtype, device, measured=whole_host(ring),
+                           arena=not whole_host(ring))
+        return ex.own_block() if hasattr(ex, "own_block") else None
 
     return supply
 
 
-def _supply_view(ring: GroupHandle, rows, shape: tuple, dtype: torch.dtype, device: torch.device):
-    """This rank's rows of the own block of this call parity's exchange (`ring_qkv_supplier`), noted on the ring
-    for `_supplied_block_exchange`; None where the exchange has no own block (not symmetric memory)."""
-    parity = getattr(ring, "_ring_kv_parity", 0)
-    block, first, _, _ = ring_rows(rows, ring.rank_in_group, shape[1])
-    ex = ring.exchange(f"ring_qkv{parity}", (1, block, *shape[2:]), dtype, device, measured=whole_host(ring),
-                       arena=not whole_host(ring))
-    if not hasattr(ex, "own_block"):
-        return None
-    mine = ex.own_block()[:, first:first + shape[1]]
-    if not hasattr(ring, "_supplied"):
-        ring._supplied = {}
-    ring._supplied[parity] = (ex, mine)
-    return mine
+def _kv_region(block: torch.Tensor) -> torch.Tensor:
+    """k and v of a packed [B, S, 3, H, D] block."""
+    return block[:, :, 1:3]
 
 
 def _supplied_block_exchange(ring: GroupHandle, buf: torch.Tensor, parity: int):
-    """(the exchange, the region function of this rank's k/v in its blocks) where `buf` is the view
-    `ring_qkv_supplier` handed out for this call parity, else None."""
-    ex, mine = getattr(ring, "_supplied", {}).get(parity, (None, None))
-    if ex is None or mine.data_ptr() != buf.data_ptr() or mine.shape != buf.shape:
-        # a whole own block of this parity's exchange (equal rows), however the model came by it
-        ex = ring._exchanges.get((f"ring_qkv{parity}", tuple(buf.shape), buf.dtype, buf.device))
-        if not hasattr(ex, "own_block") or ex.own_block().data_ptr() != buf.data_ptr():
-            return None
-        mine = ex.own_block()
-    first, count = mine.data_ptr() - ex.own_block().data_ptr(), mine.shape[1]
-    first //= ex.own_block().stride(1) * ex.own_block().element_size()
-    return ex, lambda block: block[:, first:first + count, 1:3]
+    """The exchange whose own block `buf` is (handed out by `ring_qkv_supplier` for this call parity), or None."""
+    ex = ring._exchanges.get((f"ring_qkv{parity}", tuple(buf.shape), buf.dtype, buf.device))
+    return ex if hasattr(ex, "own_block") and ex.own_block().data_ptr() == buf.data_ptr() else None
 
 
 def ring_kv_ready(ring: GroupHandle):
@@ -154,16 +123,14 @@ def ring_kv_ready(ring: GroupHandle):
     block (e.g. no symmetric memory) is left alone: the attention call moves it as usual."""
 
     def ready(buf: torch.Tensor) -> None:
-        found = _supplied_block_exchange(ring, buf, getattr(ring, "_ring_kv_parity", 0))
-        if found is not None:
-            ex, region = found
-            ring._early_kv = (ex, ex.start_gather(region))
+        ex = _supplied_block_exchange(ring, buf, getattr(ring, "_ring_kv_parity", 0))
+        if ex is not None:
+            ring._early_kv = (ex, ex.start_gather(_kv_region))
 
     return ready
 
 
-def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work=None,
-                  rows: tuple[int, ...] | None = None) -> torch.Tensor:
+def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work=None) -> torch.Tensor:
     """Ring attention with the keys gathered: this rank's k and v go to every rank of `ring` in one exchange
     while `side_work` runs; then one attention of the local queries over every rank's keys, in rank order.
     `keep`: the real keys' indices per rank block (sequence_parallel.ring_blocks), None where all are real.
@@ -172,43 +139,30 @@ def ring_gathered(q: torch.Tensor, k, v, ring: GroupHandle, keep=None, side_work
     from there to the same place in the peers' buffers and nothing else moves. Otherwise k and v ([B, S, 2, H,
     D] per rank, a 2-D pitched region of packed q/k/v, sent without a copy) go by `GroupHandle.exchange`.
     Two exchange buffers alternate from call to call: a peer writes the next layer's k/v into the other one,
-    so it never overwrites keys this rank's attention may still be reading (exchange.py, reuse rule).
-
-    `rows`: the ranks' local lengths where they differ (a ring of two, balance.py; `keep` is None then): each
-    block holds the longest, and `ring_rows` places them so the real keys are one contiguous run."""
+    so it never overwrites keys this rank's attention may still be reading (exchange.py, reuse rule)."""
     p = ring.size
     k, v = materialize(k), materialize(v)
     b, h, s, d = q.shape
-    block, first, key_lo, key_hi = ring_rows(rows, ring.rank_in_group, s)
-    if rows is not None and keep is not None and any(idx is not None for idx in keep):
-        raise ValueError("uneven ring rows come without padded keys")
     packed = _packed(q, k, v)
     parity = getattr(ring, "_ring_kv_parity", 0)
     ring._ring_kv_parity = parity ^ 1
     in_place = _supplied_block_exchange(ring, packed, parity) if packed is not None and b == 1 else None
     if in_place is not None:
-        ex, region = in_place
         early, ring._early_kv = getattr(ring, "_early_kv", None), None
-        if early is not None and early[0] is ex:
+        if early is not None and early[0] is in_place:
             pending = early[1]  # started by the model's kv-ready call (ring_kv_ready)
         else:
-            pending = ex.start_gather(region)
+            pending = in_place.start_gather(_kv_region)
         cols = 3
     else:
         kv = packed[:, :, 1:3] if packed is not None else torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=2)
-        if block != s:  # uneven rows: this rank's rows at their place in a block of the longest
-            placed = kv.new_zeros((b, block, 2, h, d))
-            placed[:, first:first + s] = kv
-            kv = placed
-        ex = ring.exchange(f"ring_kv{parity}", (b, block, 2, h, d), kv.dtype, kv.device,
+        ex = ring.exchange(f"ring_kv{parity}", (b, s, 2, h, d), kv.dtype, kv.device,
                            measured=b == 1 and whole_host(ring), arena=not whole_host(ring))
         pending = ex.start(kv.unsqueeze(0).expand(p, *kv.shape), background=bool(side_work) and b == 1)
         cols = 2
     run_side_work([step for part in _split_side_work(side_work) for step in part])
     recv = pending.wait()  # [P, B, S, cols, H, D], rank r's block r
-    full = recv.view(1, p * block, cols, h, d) if b == 1 else recv.transpose(0, 1).reshape(b, p * block, cols, h, d)
-    if key_lo is not None:
-        full = full[:, key_lo:key_hi]
+    full = recv.view(1, p * s, cols, h, d) if b == 1 else recv.transpose(0, 1).reshape(b, p * s, cols, h, d)
     k_all, v_all = full[:, :, cols - 2:].permute(2, 0, 3, 1, 4).unbind(0)
     if keep is not None and any(idx is not None for idx in keep):
         every = torch.arange(s, device=q.device)
@@ -243,16 +197,15 @@ def _split_side_work(side_work) -> tuple[list, list]:
 
 
 def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """The [B, S, 3, H, D] buffer q, k and v ([B, H, S, D]) are views of, or None (e.g. separate tensors). With
-    one batch the batch stride is free (a run of rows of a longer buffer: an uneven ring rank's, `ring_rows`)."""
+    """The [B, S, 3, H, D] buffer q, k and v ([B, H, S, D]) are views of, or None (e.g. separate tensors)."""
     b, h, s, d = q.shape
-    stride = (q.stride(0) if b == 1 else s * 3 * h * d, d, 3 * h * d, 1)
+    stride = (s * 3 * h * d, d, 3 * h * d, 1)
     if not (q.stride() == k.stride() == v.stride() == stride and q.dtype == k.dtype == v.dtype):
         return None
     step = h * d * q.element_size()
     if k.data_ptr() != q.data_ptr() + step or v.data_ptr() != q.data_ptr() + 2 * step:
         return None
-    return q.as_strided((b, s, 3, h, d), (stride[0], 3 * h * d, h * d, d, 1))
+    return q.as_strided((b, s, 3, h, d), (s * 3 * h * d, 3 * h * d, h * d, d, 1))
 
 
 def _ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle,
@@ -413,17 +366,13 @@ def _heads_to_seq(x: torch.Tensor, group: GroupHandle) -> torch.Tensor:
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: GroupHandle, ring: GroupHandle,
-                  kv_keep_global: torch.Tensor | None = None, side_work=None, kv_keep_blocks=None,
-                  rows: tuple[int, ...] | None = None) -> torch.Tensor:
+                  kv_keep_global: torch.Tensor | None = None, side_work=None, kv_keep_blocks=None) -> torch.Tensor:
     """Ulysses inside, Ring outside. `kv_keep_global`: bool [S_total] over the sequence-group order
     (chunk of sp-rank 0, chunk of sp-rank 1, ...), True for real tokens; or `kv_keep_blocks`, the real
     keys' indices per ring block found beforehand (sequence_parallel.ring_blocks: no read-back from the GPU
     here). `side_work`: (before, after) callables independent of this attention, run while the Ulysses
-    exchanges are in flight (else first). `rows`: the ring ranks' uneven local lengths (a ring of two
-    gathered, no Ulysses: `ring_gathered`)."""
+    exchanges are in flight (else first)."""
     heads = q.shape[1]
-    if rows is not None and not (ulysses.size == 1 and ring.size == 2 and ring_mode() == "gather"):
-        raise ValueError("uneven sequence shares need a ring of 2 with gathered keys and no Ulysses")
     if heads % ulysses.size != 0:
         raise ValueError(f"Ulysses degree {ulysses.size} does not divide the {heads} attention heads; "
                          f"use a Ulysses degree that divides {heads} and put the rest in ring degree")
@@ -440,7 +389,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: Gr
     if ulysses.size > 1 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype:
         return _ulysses_attention(q, k, v, ulysses, ring, keep, side_work)
     if ulysses.size == 1 and ring.size > 1 and ring_mode() == "gather":
-        return ring_gathered(q, k, v, ring, keep, side_work, rows)
+        return ring_gathered(q, k, v, ring, keep, side_work)
     run_side_work(side_work)
     if ulysses.size == 1:
         return ring_attention(q, k, v, ring, keep)
