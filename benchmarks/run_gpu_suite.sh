@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: per-step and end-to-end Flux.1-dev timings, 1 GPU vs 2 and 4 GPUs, same machine.
 # Usage (on a 4-GPU machine, from the repo root, with the wheels of requirements_taco_dit.txt carried in
-# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|s69|s70|s71|s72|s73|s74|s75|s76|s77|s78|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
+# .whl/): bash benchmarks/run_gpu_suite.sh [speed|round2|round3|s3|s4|s5|s6|s7|s8|s9|s10|s11|s12|s13|s14|s15|s16|s17|s18|s19|s20|s21|s22|s23|s24|s25|s26|s27|s28|s29|s30|s31|s32|s33|s34|s35|s36|s37|s38|s39|s40|s41|s42|s43|s44|s45|s46|s47|s48|s49|s50|s51|s52|s53|s54|s55|s56|s57|s58|s59|s60|s61|s62|s63|s64|s65|s66|s67|s68|s69|s70|s71|s72|s73|s74|s75|s76|s77|s78|s79|next|step|e2e|wan|all]   Results: $OUT/*.jsonl
 # Each part fits one 10-minute device call on its own; "all" does not.
 # "speed": attention kernels, then 1-GPU Flux and Wan 14B (ours with both attention kernels, diffusers as
 # shipped and with cuDNN forced) side by side on GPUs 0 and 1, then Flux and Wan on 4 and 2 GPUs.
@@ -1204,6 +1204,17 @@ if [ "$what" = s78 ]; then
   TOP=5 sustained_summary
   # one archive comes back whole (the device tool returns a limited number of files)
   (cd "$OUT" && tar czf raw_s78.tgz ./*.jsonl ./*.csv ./*.log && rm -f ./*.jsonl ./*.csv ./*.log)
+fi
+if [ "$what" = s79 ]; then
+  # thirteenth session, 2 GPUs: uneven image-token shares for the ring of two (commit e9810ca, TACO_SP_BALANCE=off,
+  # auto, 0.49,0.51, 0.51,0.49, auto in turn). On an equal pair the forced shares were 0.5-1.05 ms slower than the
+  # even split, the larger rank losing its attention's wave split, so they were removed (RESULTS.md, thirteenth
+  # session). This part now runs the committed code: the 1-GPU step on GPU 0 before and GPU 1 after two 2-GPU runs,
+  # then the fork path (1 GPU on GPU 0, then 2 GPUs)
+  flux_1gpu_bg 0 step_gpu0.jsonl; wait
+  for m in a b; do flux_r2 "step_2gpu_$m.jsonl"; done
+  flux_1gpu_bg 1 step_gpu1.jsonl; wait
+  fork_1gpu_then_2gpu 0
 fi
 if [ "$what" = s75 ]; then
   # twelfth session, one GPU: wave_attention's tail on a side stream beside the main call (TACO_WAVE_ATTN_TAIL=stream)
