@@ -1209,12 +1209,12 @@ if [ "$what" = s79 ]; then
   # thirteenth session, 2 GPUs: uneven image-token shares for the ring of two (commit e9810ca, TACO_SP_BALANCE=off,
   # auto, 0.49,0.51, 0.51,0.49, auto in turn). On an equal pair the forced shares were 0.5-1.05 ms slower than the
   # even split, the larger rank losing its attention's wave split, so they were removed (RESULTS.md, thirteenth
-  # session). This part now runs the committed code: the 1-GPU step on GPU 0 before and GPU 1 after two 2-GPU runs,
-  # then the fork path (1 GPU on GPU 0, then 2 GPUs)
-  flux_1gpu_bg 0 step_gpu0.jsonl; wait
-  for m in a b; do flux_r2 "step_2gpu_$m.jsonl"; done
-  flux_1gpu_bg 1 step_gpu1.jsonl; wait
+  # session). This part now runs the committed code: the fork path (1 GPU on GPU 0, then 2 GPUs), then the 1-GPU
+  # step on GPU 0 before and GPU 1 after one 2-GPU run
   fork_1gpu_then_2gpu 0
+  flux_1gpu_bg 0 step_gpu0.jsonl; wait
+  flux_r2 step_2gpu.jsonl
+  flux_1gpu_bg 1 step_gpu1.jsonl; wait
 fi
 if [ "$what" = s75 ]; then
   # twelfth session, one GPU: wave_attention's tail on a side stream beside the main call (TACO_WAVE_ATTN_TAIL=stream)
