@@ -8,6 +8,10 @@ N GPUs:   torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --sizes 10
           (every rank profiles its own step; each rank writes one record)
 Wan's guided step under CFG 2 x Ulysses 2 (each rank one prompt of the pair, then the pair's all-gather):
           torchrun --nproc_per_node=4 benchmarks/profile_flux_step.py --model wan --config c2u2
+At the power limit: --sustain S runs S seconds of back-to-back steps before the profiled window and --steps N
+profiles N steps back to back (figures per step), as the sampler runs them. --solo N (one GPU, Flux) runs one
+rank's share of ring N alone, without exchanges (benchmarks/solo_rank.py); --solo-push peer|local adds its k/v
+traffic.
 """
 
 from __future__ import annotations
@@ -207,6 +211,8 @@ def main() -> None:
         model = Flux(**FLUX_DEV, dtype=torch.bfloat16, device=dev).eval()
     init_random_(model)
     if args.solo:
+        if args.model != "flux" or world > 1 or args.solo < 2:
+            raise SystemExit("--solo N (N >= 2) is one process's Flux step: no torchrun, no --model wan")
         from solo_rank import solo_forward_orig
         model.forward_orig = solo_forward_orig(args.solo, args.solo_push).__get__(model, type(model))
     cfg_parallel = args.config.startswith("c2")

@@ -15,7 +15,11 @@ one GPU because of its own kernels or because of the exchanges and the peer.
 `push`: also copy this rank's k/v (the region the ring gather sends) where the real step starts sending it, by
 copy engine (one cudaMemcpy2DAsync on a side stream, joined before the attention as the real gather is): to
 the other visible GPU ("peer": NVLink traffic, the peer idle) or to a buffer on this GPU ("local"). So the
-traffic's own cost is seen without a barrier or a peer to wait for.
+traffic's own cost is seen without a barrier or a peer to wait for. (On an H200 the driver ran the local 2-D copy
+as an SM kernel, `memcpyDtoD2D_aligned_smalldiffpitch`, so "local" is not the copy-engine twin of "peer".)
+
+Measured in call s78 (benchmarks/RESULTS.md, thirteenth session): alone, a rank's share costs 3-4 % more than half
+of its GPU's 1-GPU step; pushing its k/v to the peer costs 3 % more again (the clock drops at the same power).
 """
 
 from __future__ import annotations
