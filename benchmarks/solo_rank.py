@@ -31,7 +31,6 @@ from comfy.ldm.modules.attention import (
     KV_READY_KEY,
     OVERRIDE_KEY,
     QKV_BUFFER_KEY,
-    materialize,
     run_side_work,
     sdpa,
 )
@@ -78,8 +77,7 @@ def solo_forward_orig(degree: int, push: str | None = None):
                  transformer_options=None, side_work=None, **kwargs):
         if "pending" not in state:  # single blocks: the gather starts here (double blocks: at kv-ready)
             start_push(state["last"][:, :q.shape[2]])
-        run_side_work([step for step in (side_work or ())])
-        k, v = materialize(k), materialize(v)
+        run_side_work(side_work)  # Flux passes k and v as tensors: nothing deferred to compute
         join_push()
         full = state["last"]  # [1, degree * S, 3, H, D]: this rank's block first
         k_all, v_all = full[:, :, 1].transpose(1, 2), full[:, :, 2].transpose(1, 2)
@@ -95,12 +93,11 @@ def solo_forward_orig(degree: int, push: str | None = None):
         mods = [m for block in model.double_blocks for m in (block.img_mod, block.txt_mod)]
         mods += [block.modulation for block in model.single_blocks]
         start, stop = _balanced_runs([m.lin.weight.shape[0] for m in mods], degree)[0]
+        silu = torch.nn.functional.silu(vec)
         if "mods" not in state:
             with torch.inference_mode():
-                silu = torch.nn.functional.silu(vec)
                 state["mods"] = {id(m): m.lin(silu) for m in mods}
         table = dict(state["mods"])
-        silu = torch.nn.functional.silu(vec)
         for m in mods[start:stop]:
             table[id(m)] = m.lin(silu)
         return lambda module: table.get(id(module))
